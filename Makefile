@@ -1,0 +1,39 @@
+# The two set-up commands a fresh machine needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test test-x64 lint docs bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[test,docs,dev]"
+	touch $@
+
+$(VENV)/.installed-examples: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[examples]"
+	touch $@
+
+demo: $(VENV)/.installed-examples
+	$(PY) examples/demo.py
+
+# The suite runs twice: float32 (JAX's default) and float64, since users run both.
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q
+	JAX_ENABLE_X64=1 $(PY) -m pytest -q -m "not slow" tests/resampling tests/test_filtering.py
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+docs: $(VENV)/.installed-test
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+bench: $(VENV)/.installed-test
+	$(PY) benchmarks/resampling.py
+
+clean:
+	rm -rf $(VENV) site out .pytest_cache

@@ -1,0 +1,11 @@
+"""numpyro_diffres: differentiable particle-filter likelihoods for NumPyro.
+
+Diffusion resampling (Andersson & Zhao, arXiv:2512.10401) makes the fixed-noise particle
+filter log-likelihood smooth in the model parameters, so SVI and NUTS can use it.
+"""
+
+from numpyro_diffres import resampling
+from numpyro_diffres.filtering import FilterResult, particle_filter
+from numpyro_diffres.ssm import StateSpaceModel, simulate
+
+__all__ = ["FilterResult", "StateSpaceModel", "particle_filter", "resampling", "simulate"]

@@ -1,0 +1,234 @@
+"""The particle filter: a `lax.scan` over time in log space.
+
+Per step $t$ the log-likelihood increment is
+$\\log \\sum_i \\exp(\\bar l_{t-1,i} + \\log g(y_t \\mid x_{t,i}))$ with $\\bar l_{t-1}$ the
+normalised log-weights after resampling (uniform after index or diffusion resampling, so this
+is $\\log \\frac1N \\sum_i g(y_t \\mid x_{t,i})$). The first increment includes its $1/N$: the
+sum of increments estimates $\\log p(y_{0:T-1})$ with no $\\log N$ offset.
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from numpyro.distributions import Distribution
+
+from numpyro_diffres._typing import Array, PRNGKey
+from numpyro_diffres.resampling import Resampler, diffusion
+from numpyro_diffres.ssm import StateSpaceModel, warn_no_rsample
+from numpyro_diffres.weights import effective_sample_size, log_normalize, weighted_moments
+
+__all__ = ["FilterResult", "particle_filter"]
+
+
+class FilterResult(NamedTuple):
+    """What `particle_filter` returns.
+
+    Attributes:
+        log_likelihood: estimate of $\\log p(y_{0:T-1})$, a scalar; $-\\infty$ when every
+            particle has zero weight at some step (e.g. parameters outside their support).
+        log_likelihood_increments: per-time terms, shape `(T,)`, summing to `log_likelihood`.
+        ess: effective sample size of the weights after observing $y_t$, shape `(T,)`.
+        filtered_mean: weighted mean of $x_t$ given $y_{0:t}$, shape `(T, *state_shape)`.
+        filtered_variance: weighted per-coordinate variance, shape `(T, *state_shape)`.
+    """
+
+    log_likelihood: Array
+    log_likelihood_increments: Array
+    ess: Array
+    filtered_mean: Array
+    filtered_variance: Array
+
+
+def particle_filter(
+    key: PRNGKey,
+    model: StateSpaceModel,
+    observations: Array,
+    *,
+    num_particles: int,
+    resampler: Resampler | None = None,
+    ess_threshold: float = 1.0,
+) -> FilterResult:
+    """Run a (bootstrap or guided) particle filter and estimate the log-likelihood.
+
+    With the default diffusion resampler and a fixed `key`, the estimate is a smooth function of
+    the model parameters (common random numbers), so `jax.grad` of it is the pathwise gradient
+    of a consistent (as `num_particles` grows), not unbiased, estimator.
+
+    Args:
+        key: PRNG key; the same key gives the same noise (and a smooth likelihood surface).
+        model: the state-space model.
+        observations: shape `(T, *observation_shape)`. A time step containing NaN is missing:
+            it contributes no weight update and an increment of 0.
+        num_particles: $N \\ge 2$.
+        resampler: any resampler `(key, log_weights, particles) -> (particles, log_weights)`;
+            default `resampling.diffusion()`.
+        ess_threshold: resample when ESS < `ess_threshold * N`. The default 1.0 resamples at
+            every step, which keeps the fixed-noise likelihood smooth (an ESS-triggered switch
+            is itself a jump in the parameters); 0.0 never resamples.
+
+    Returns:
+        A `FilterResult`.
+
+    Raises:
+        ValueError: bad `num_particles`, `ess_threshold` or observation shape.
+        TypeError: `resampler` is not callable.
+    """
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int):
+        raise TypeError(f"num_particles must be an int >= 2, got {num_particles!r}.")
+    if num_particles < 2:
+        raise ValueError(f"num_particles must be >= 2, got {num_particles}.")
+    if isinstance(ess_threshold, bool) or not isinstance(ess_threshold, (int, float)):
+        raise TypeError(f"ess_threshold must be a number in [0, 1], got {ess_threshold!r}.")
+    if not 0.0 <= ess_threshold <= 1.0:
+        raise ValueError(f"ess_threshold must lie in [0, 1], got {ess_threshold!r}.")
+    resampler = diffusion() if resampler is None else resampler
+    if not callable(resampler):
+        raise TypeError(
+            "resampler must be callable as resampler(key, log_weights, particles), e.g. "
+            f"numpyro_diffres.resampling.diffusion(); got {resampler!r}."
+        )
+    observations = jnp.asarray(observations)
+    if observations.ndim < 1 or observations.shape[0] < 1:
+        raise ValueError(
+            f"observations must have shape (T, *observation_shape) with T >= 1, got "
+            f"{observations.shape}."
+        )
+    info = model.check(observations.shape[1:])
+    if not info.initial_has_rsample:
+        warn_no_rsample("initial")
+    if not info.transition_has_rsample and model.proposal is None:
+        warn_no_rsample("transition")
+
+    n = num_particles
+    missing, filled = _missing(observations)
+    initial_key, steps_key = jax.random.split(key)
+    particles = model.initial.sample(initial_key, (n,))
+    initial_valid = _valid_parameters(model.initial)
+    log_likelihood = jax.vmap(lambda x: _log_prob(model.emission(x, jnp.int32(0)), filled[0]))(
+        particles
+    )
+    log_weights = jnp.where(missing[0], 0.0, log_likelihood)
+    log_weights = jnp.where(initial_valid, log_weights - math.log(n), -jnp.inf)
+    log_weights, increment = log_normalize(log_weights)
+    first = (increment, *_summaries(log_weights, particles))
+
+    always = ess_threshold >= 1.0
+    never = ess_threshold <= 0.0
+
+    def resample(key, particles, log_weights):
+        new_particles, new_log_weights = resampler(key, log_weights, particles)
+        return new_particles.astype(particles.dtype), log_normalize(new_log_weights)[0].astype(
+            log_weights.dtype
+        )
+
+    @jax.checkpoint
+    def step(carry, inputs):
+        particles, log_weights = carry
+        step_key, t, y, y_missing = inputs
+        resample_key, move_key = jax.random.split(step_key)
+        if always:
+            particles, log_weights = resample(resample_key, particles, log_weights)
+        elif not never:
+            particles, log_weights = jax.lax.cond(
+                effective_sample_size(log_weights) < ess_threshold * n,
+                resample,
+                lambda _, p, lw: (p, lw),
+                resample_key,
+                particles,
+                log_weights,
+            )
+        move_keys = jax.random.split(move_key, n)
+        new_particles, log_correction = jax.vmap(
+            lambda k, x: _propagate(model, k, x, t, y)
+        )(move_keys, particles)
+        log_likelihood = jax.vmap(lambda x: _log_prob(model.emission(x, t), y))(new_particles)
+        log_likelihood = jnp.where(y_missing, 0.0, log_likelihood)
+        log_weights, increment = log_normalize(log_weights + log_correction + log_likelihood)
+        summaries = (increment, *_summaries(log_weights, new_particles))
+        return (new_particles, log_weights), summaries
+
+    num_steps = observations.shape[0]
+    keys = jax.random.split(steps_key, max(num_steps - 1, 0))
+    times = jnp.arange(1, num_steps, dtype=jnp.int32)
+    _, rest = jax.lax.scan(step, (particles, log_weights), (keys, times, filled[1:], missing[1:]))
+    increments, ess, mean, variance = (
+        jnp.concatenate([jnp.expand_dims(a, 0), b], axis=0) for a, b in zip(first, rest, strict=True)
+    )
+    return FilterResult(jnp.sum(increments), increments, ess, mean, variance)
+
+
+def _summaries(log_weights: Array, particles: Array) -> tuple[Array, Array, Array]:
+    values = particles.astype(log_weights.dtype)
+    mean, variance = weighted_moments(log_weights, values)
+    return effective_sample_size(log_weights), mean, variance
+
+
+def _propagate(model: StateSpaceModel, key: PRNGKey, x: Array, t: Array, y: Array):
+    transition = model.transition(x, t)
+    if model.proposal is None:
+        new = transition.sample(key)
+        correction = jnp.zeros((), _float_dtype(new))
+    else:
+        proposal = model.proposal(x, t, y)
+        new = proposal.sample(key)
+        correction = _log_prob(transition, new) - _log_prob(proposal, new)
+        correction = jnp.where(_valid_parameters(proposal), correction, -jnp.inf)
+    correction = jnp.where(_valid_parameters(transition), correction, -jnp.inf)
+    if jnp.issubdtype(new.dtype, jnp.floating):
+        finite = jnp.all(jnp.isfinite(new))
+        # Sanitise so a non-finite state (invalid parameters) cannot leak NaN downstream.
+        new = jnp.where(finite, new, jnp.zeros_like(new))
+        correction = jnp.where(finite, correction, -jnp.inf)
+    return new, correction
+
+
+def _float_dtype(x: Array):
+    return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
+
+
+def _log_prob(distribution: Distribution, value: Array) -> Array:
+    log_prob = distribution.log_prob(value)
+    # NaN (invalid parameters or values) is an impossible particle, not a poisoned estimate.
+    return jnp.where(jnp.isnan(log_prob), -jnp.inf, log_prob)
+
+
+def _valid_parameters(distribution: Distribution) -> Array:
+    """Whether every parameter satisfies its constraint (checked recursively through wrappers).
+
+    NumPyro only checks constraints under `numpyro.enable_validation()`, and then with a host
+    side error; inside the filter an invalid parameter must instead give weight zero.
+    """
+    valid = jnp.asarray(True)
+    seen = 0
+    while distribution is not None and seen < 8:
+        for name, constraint in getattr(distribution, "arg_constraints", {}).items():
+            if name not in distribution.__dict__:
+                continue
+            value = distribution.__dict__[name]
+            if value is None:
+                continue
+            try:
+                ok = constraint(value)
+            except (TypeError, ValueError, NotImplementedError):
+                continue
+            valid = valid & jnp.all(ok)
+        distribution = getattr(distribution, "base_dist", None)
+        seen += 1
+    return valid
+
+
+def _missing(observations: Array) -> tuple[Array, Array]:
+    """Missing-time mask `(T,)` and observations with missing rows filled by a valid row."""
+    num_steps = observations.shape[0]
+    if not jnp.issubdtype(observations.dtype, jnp.floating):
+        return jnp.zeros((num_steps,), bool), observations
+    flat = observations.reshape(num_steps, -1)
+    missing = jnp.any(jnp.isnan(flat), axis=1)
+    # A value inside the emission's support keeps log_prob (and its gradient) finite in the
+    # branch that `where` discards.
+    fill = observations[jnp.argmin(missing)]
+    fill = jnp.where(jnp.isnan(fill), jnp.zeros_like(fill), fill)
+    expanded = missing.reshape((num_steps,) + (1,) * (observations.ndim - 1))
+    return missing, jnp.where(expanded, fill, observations)

@@ -1,0 +1,35 @@
+"""Resamplers with one signature: `resampler(key, log_weights, particles)`.
+
+`diffusion` is the differentiable default; the others are the baselines it is compared with.
+"""
+
+from numpyro_diffres.resampling.base import Resampler
+from numpyro_diffres.resampling.diffusion import Diffusion, diffusion
+from numpyro_diffres.resampling.gumbel import GumbelSoftmax, gumbel_softmax
+from numpyro_diffres.resampling.index import IndexResampler, multinomial, stratified, systematic
+from numpyro_diffres.resampling.optimal_transport import (
+    OptimalTransport,
+    TransportInfo,
+    optimal_transport,
+)
+from numpyro_diffres.resampling.soft import Soft, soft
+from numpyro_diffres.resampling.stop_gradient import StopGradient, stop_gradient
+
+__all__ = [
+    "Diffusion",
+    "GumbelSoftmax",
+    "IndexResampler",
+    "OptimalTransport",
+    "Resampler",
+    "Soft",
+    "StopGradient",
+    "TransportInfo",
+    "diffusion",
+    "gumbel_softmax",
+    "multinomial",
+    "optimal_transport",
+    "soft",
+    "stop_gradient",
+    "stratified",
+    "systematic",
+]

@@ -1,0 +1,94 @@
+"""The resampler protocol and the input checks every resampler shares."""
+
+import math
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import jax.numpy as jnp
+
+from numpyro_diffres._typing import Array, PRNGKey
+from numpyro_diffres.weights import log_normalize
+
+__all__ = ["PreparedInput", "Resampler", "check_positive", "prepare", "uniform_log_weights"]
+
+
+@runtime_checkable
+class Resampler(Protocol):
+    """A resampler: `(key, log_weights, particles) -> (particles, log_weights)`.
+
+    `particles` has shape `(N, *event_shape)` and `log_weights` shape `(N,)`, unnormalised.
+    The output has the same shapes; its log-weights are normalised.
+    """
+
+    def __call__(self, key: PRNGKey, log_weights: Array, particles: Array) -> tuple[Array, Array]:
+        """Resample `particles` according to `log_weights`."""
+        ...
+
+
+class PreparedInput(NamedTuple):
+    """Flattened, cleaned resampler input.
+
+    Attributes:
+        particles: `(N, d)`, non-finite rows replaced by zeros.
+        log_weights: `(N,)`, normalised; non-finite particles get $-\\infty$.
+        event_shape: the original event shape, to restore the output.
+    """
+
+    particles: Array
+    log_weights: Array
+    event_shape: tuple[int, ...]
+
+
+def check_positive(name: str, value: float, *, integer: bool = False) -> None:
+    """Raise a `ValueError`/`TypeError` unless `value` is a positive (integer) number."""
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be a positive int, got {value!r}.")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number, got {value!r}.")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be positive and finite, got {value!r}.")
+
+
+def prepare(log_weights: Array, particles: Array, *, require_float: bool = True) -> PreparedInput:
+    """Check shapes at trace time and normalise the weights.
+
+    Particles with a non-finite coordinate get log-weight $-\\infty$ (they are dropped), so one
+    overflowing particle cannot poison the cloud. If no particle has a finite log-weight, the
+    weights become uniform over the input: there is nothing to prefer.
+
+    Raises:
+        ValueError: fewer than 2 particles, or `log_weights` not of shape `(N,)`.
+        TypeError: non-floating particles when `require_float` (interpolating resamplers).
+    """
+    particles = jnp.asarray(particles)
+    log_weights = jnp.asarray(log_weights)
+    if particles.ndim < 1:
+        raise ValueError("particles must have shape (N, *event_shape); got a scalar.")
+    n = particles.shape[0]
+    if n < 2:
+        raise ValueError(f"resampling needs at least 2 particles, got N={n}.")
+    if log_weights.shape != (n,):
+        raise ValueError(
+            f"log_weights must have shape (N,) = ({n},) to match particles of shape "
+            f"{particles.shape}; got {log_weights.shape}."
+        )
+    flat = particles.reshape(n, -1)
+    if jnp.issubdtype(particles.dtype, jnp.floating):
+        finite = jnp.all(jnp.isfinite(flat), axis=1)
+        flat = jnp.where(finite[:, None], flat, jnp.zeros((), flat.dtype))
+        log_weights = jnp.where(finite, log_weights.astype(flat.dtype), -jnp.inf)
+    elif require_float:
+        raise TypeError(
+            f"particles must be floating point for this resampler, got dtype "
+            f"{particles.dtype}; index resamplers (systematic, ...) accept discrete states."
+        )
+    else:
+        log_weights = log_weights.astype(jnp.result_type(float))
+    normalized, _ = log_normalize(log_weights)
+    return PreparedInput(flat, normalized, particles.shape[1:])
+
+
+def uniform_log_weights(n: int, dtype: jnp.dtype) -> Array:
+    """Log-weights $-\\log N$ of shape `(N,)`."""
+    return jnp.full((n,), -math.log(n), dtype)
+

@@ -1,0 +1,52 @@
+"""Stop-gradient resampling (Ścibior & Wood, "Differentiable particle filtering without
+modifying the forward pass", 2021).
+
+The forward pass is the base index resampler's. The returned log-weights are
+$-\\log N + l_{I} - \\mathrm{sg}(l_{I})$: uniform in value, but their gradient is that of the
+score-function (REINFORCE) estimator, so the filter's log-likelihood gradient is unbiased.
+"""
+
+import dataclasses
+import math
+
+import jax
+
+from numpyro_diffres._typing import Array, PRNGKey
+from numpyro_diffres.resampling.base import prepare
+from numpyro_diffres.resampling.index import IndexResampler, systematic
+
+__all__ = ["StopGradient", "stop_gradient"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StopGradient:
+    """Stop-gradient resampling around an index resampler."""
+
+    base: IndexResampler
+
+    def __call__(self, key: PRNGKey, log_weights: Array, particles: Array) -> tuple[Array, Array]:
+        """Resample; log-weights uniform in value, carrying the score-function gradient."""
+        flat, normalized, event_shape = prepare(log_weights, particles, require_float=False)
+        n = flat.shape[0]
+        ancestors = self.base.indices(key, normalized, n)
+        chosen = normalized[ancestors]
+        new_log_weights = -math.log(n) + chosen - jax.lax.stop_gradient(chosen)
+        return flat[ancestors].reshape(n, *event_shape), new_log_weights
+
+
+def stop_gradient(base: IndexResampler | None = None) -> StopGradient:
+    """Stop-gradient resampling.
+
+    Args:
+        base: the index resampler that draws the ancestors; default `systematic()`.
+
+    Raises:
+        TypeError: `base` is not an index resampler (multinomial, systematic or stratified).
+    """
+    base = systematic() if base is None else base
+    if not isinstance(base, IndexResampler):
+        raise TypeError(
+            "stop_gradient(base) needs an index resampler such as systematic(), multinomial() "
+            f"or stratified(); got {base!r}."
+        )
+    return StopGradient(base)
