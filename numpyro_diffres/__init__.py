@@ -6,6 +6,24 @@ filter log-likelihood smooth in the model parameters, so SVI and NUTS can use it
 
 from numpyro_diffres import resampling
 from numpyro_diffres.filtering import FilterResult, particle_filter
+from numpyro_diffres.linear_gaussian import (
+    LinearGaussianParams,
+    dense_log_likelihood,
+    kalman_filtered_moments,
+    kalman_log_likelihood,
+    linear_gaussian,
+)
 from numpyro_diffres.ssm import StateSpaceModel, simulate
 
-__all__ = ["FilterResult", "StateSpaceModel", "particle_filter", "resampling", "simulate"]
+__all__ = [
+    "FilterResult",
+    "LinearGaussianParams",
+    "StateSpaceModel",
+    "dense_log_likelihood",
+    "kalman_filtered_moments",
+    "kalman_log_likelihood",
+    "linear_gaussian",
+    "particle_filter",
+    "resampling",
+    "simulate",
+]
