@@ -13,6 +13,7 @@ from numpyro_diffres.linear_gaussian import (
     kalman_log_likelihood,
     linear_gaussian,
 )
+from numpyro_diffres.primitives import particle_factor, sample_trajectory
 from numpyro_diffres.ssm import StateSpaceModel, simulate
 
 __all__ = [
@@ -23,7 +24,9 @@ __all__ = [
     "kalman_filtered_moments",
     "kalman_log_likelihood",
     "linear_gaussian",
+    "particle_factor",
     "particle_filter",
     "resampling",
+    "sample_trajectory",
     "simulate",
 ]

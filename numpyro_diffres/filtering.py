@@ -140,9 +140,9 @@ def particle_filter(
                 log_weights,
             )
         move_keys = jax.random.split(move_key, n)
-        new_particles, log_correction = jax.vmap(
-            lambda k, x: _propagate(model, k, x, t, y)
-        )(move_keys, particles)
+        new_particles, log_correction = jax.vmap(lambda k, x: _propagate(model, k, x, t, y))(
+            move_keys, particles
+        )
         log_likelihood = jax.vmap(lambda x: _log_prob(model.emission(x, t), y))(new_particles)
         log_likelihood = jnp.where(y_missing, 0.0, log_likelihood)
         log_weights, increment = log_normalize(log_weights + log_correction + log_likelihood)
@@ -154,7 +154,8 @@ def particle_filter(
     times = jnp.arange(1, num_steps, dtype=jnp.int32)
     _, rest = jax.lax.scan(step, (particles, log_weights), (keys, times, filled[1:], missing[1:]))
     increments, ess, mean, variance = (
-        jnp.concatenate([jnp.expand_dims(a, 0), b], axis=0) for a, b in zip(first, rest, strict=True)
+        jnp.concatenate([jnp.expand_dims(a, 0), b], axis=0)
+        for a, b in zip(first, rest, strict=True)
     )
     return FilterResult(jnp.sum(increments), increments, ess, mean, variance)
 

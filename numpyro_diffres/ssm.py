@@ -53,7 +53,9 @@ class StateSpaceModel:
             )
         for name in ("transition", "emission"):
             if not callable(getattr(self, name)):
-                raise TypeError(f"StateSpaceModel({name}=...) must be callable (x, t) -> Distribution.")
+                raise TypeError(
+                    f"StateSpaceModel({name}=...) must be callable (x, t) -> Distribution."
+                )
         if self.proposal is not None and not callable(self.proposal):
             raise TypeError("StateSpaceModel(proposal=...) must be callable (x_prev, t, y_t).")
 
