@@ -12,7 +12,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from numpyro.distributions import Distribution
+import numpyro
+import numpyro.distributions as dist
+from numpyro.distributions import Distribution, constraints
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.resampling import Resampler, diffusion
@@ -104,8 +106,8 @@ def particle_filter(
     n = num_particles
     missing, filled = _missing(observations)
     initial_key, steps_key = jax.random.split(key)
-    particles = model.initial.sample(initial_key, (n,))
-    initial_valid = _valid_parameters(model.initial)
+    initial, initial_valid = _guard(model.initial)
+    particles = initial.sample(initial_key, (n,))
     log_likelihood = jax.vmap(lambda x: _log_prob(model.emission(x, jnp.int32(0)), filled[0]))(
         particles
     )
@@ -167,16 +169,16 @@ def _summaries(log_weights: Array, particles: Array) -> tuple[Array, Array, Arra
 
 
 def _propagate(model: StateSpaceModel, key: PRNGKey, x: Array, t: Array, y: Array):
-    transition = model.transition(x, t)
+    transition, transition_valid = _guard(model.transition(x, t))
     if model.proposal is None:
         new = transition.sample(key)
         correction = jnp.zeros((), _float_dtype(new))
     else:
-        proposal = model.proposal(x, t, y)
+        proposal, proposal_valid = _guard(model.proposal(x, t, y))
         new = proposal.sample(key)
         correction = _log_prob(transition, new) - _log_prob(proposal, new)
-        correction = jnp.where(_valid_parameters(proposal), correction, -jnp.inf)
-    correction = jnp.where(_valid_parameters(transition), correction, -jnp.inf)
+        correction = jnp.where(proposal_valid, correction, -jnp.inf)
+    correction = jnp.where(transition_valid, correction, -jnp.inf)
     if jnp.issubdtype(new.dtype, jnp.floating):
         finite = jnp.all(jnp.isfinite(new))
         # Sanitise so a non-finite state (invalid parameters) cannot leak NaN downstream.
@@ -190,34 +192,46 @@ def _float_dtype(x: Array):
 
 
 def _log_prob(distribution: Distribution, value: Array) -> Array:
+    distribution, valid = _guard(distribution)
     log_prob = distribution.log_prob(value)
     # NaN (invalid parameters or values) is an impossible particle, not a poisoned estimate.
-    return jnp.where(jnp.isnan(log_prob), -jnp.inf, log_prob)
+    return jnp.where(valid & ~jnp.isnan(log_prob), log_prob, -jnp.inf)
 
 
-def _valid_parameters(distribution: Distribution) -> Array:
-    """Whether every parameter satisfies its constraint (checked recursively through wrappers).
+def _guard(distribution: Distribution) -> tuple[Distribution, Array]:
+    """Split a distribution into a safe copy and a flag saying whether its parameters are valid.
 
-    NumPyro only checks constraints under `numpyro.enable_validation()`, and then with a host
-    side error; inside the filter an invalid parameter must instead give weight zero.
+    NumPyro only checks constraints on concrete values; inside a traced filter (jit, grad,
+    NUTS) an invalid parameter (a zero or negative scale proposed in warm-up) must instead give
+    the particle weight zero. Evaluating `log_prob` at the invalid parameter would still put
+    NaN into the gradient through the discarded branch of a `where`, so each invalid parameter
+    is replaced by a feasible one (the double-`where` pattern) and the caller masks the result
+    with the returned flag. Wrappers are unwrapped through `Independent`; a distribution that
+    cannot be rebuilt from its parameters is only checked, not made safe.
     """
+    if isinstance(distribution, dist.Independent):
+        base, valid = _guard(distribution.base_dist)
+        return dist.Independent(base, distribution.reinterpreted_batch_ndims), valid
     valid = jnp.asarray(True)
-    seen = 0
-    while distribution is not None and seen < 8:
-        for name, constraint in getattr(distribution, "arg_constraints", {}).items():
-            if name not in distribution.__dict__:
-                continue
-            value = distribution.__dict__[name]
-            if value is None:
-                continue
-            try:
-                ok = constraint(value)
-            except (TypeError, ValueError, NotImplementedError):
-                continue
-            valid = valid & jnp.all(ok)
-        distribution = getattr(distribution, "base_dist", None)
-        seen += 1
-    return valid
+    safe = {}
+    for name, constraint in distribution.arg_constraints.items():
+        if name not in distribution.__dict__:
+            continue
+        value = distribution.__dict__[name]
+        safe[name] = value
+        if value is None or constraints.is_dependent(constraint):
+            continue
+        ok = jnp.all(constraint(value))
+        valid = valid & ok
+        safe[name] = jnp.where(ok, value, constraint.feasible_like(value))
+    try:
+        with numpyro.validation_enabled(False):
+            rebuilt = type(distribution)(**safe)
+    except (TypeError, ValueError, NotImplementedError):
+        return distribution, valid
+    if rebuilt.batch_shape != distribution.batch_shape:
+        return distribution, valid
+    return rebuilt, valid
 
 
 def _missing(observations: Array) -> tuple[Array, Array]:
