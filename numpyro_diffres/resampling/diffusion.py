@@ -36,6 +36,8 @@ __all__ = ["Diffusion", "diffusion"]
 
 _INTEGRATORS = ("exponential", "euler")
 _COVARIANCES = ("diagonal", "full")
+# Largest K * N^2 attention entries kept for the backward pass of one resampling call.
+_STORE_LIMIT = 2**22
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +97,6 @@ class Diffusion:
             None if self.ode else jax.random.normal(noise_key, (self.num_steps, n, d), dtype)
         )
 
-        # Checkpointed so reverse mode stores only the (N, d) state per step and recomputes
-        # the (N, N) attention matrix in the backward pass.
-        @jax.checkpoint
         def step(z, inputs):
             coefficient, step_noise = inputs
             c_over_v, c2_over_v, inv_v = coefficient[0], coefficient[1], coefficient[2]
@@ -110,6 +109,11 @@ class Diffusion:
                 z = z + noise_scale * step_noise
             return z, None
 
+        if n * n * self.num_steps > _STORE_LIMIT:
+            # Reverse mode then stores only the (N, d) state per step and recomputes the
+            # (N, N) attention matrix in the backward pass. Below the limit, storing the K
+            # matrices is cheaper than recomputing them.
+            step = jax.checkpoint(step)
         z, _ = jax.lax.scan(step, z, (jnp.asarray(coefficients, dtype), noise))
         return unwhiten(z).reshape(n, *event_shape), uniform_log_weights(n, dtype)
 
