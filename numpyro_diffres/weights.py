@@ -27,8 +27,9 @@ def log_normalize(log_weights: Array) -> tuple[Array, Array]:
         `(normalized, log_normalizer)`: log-weights with $\\sum_i e^{l_i} = 1$, shape `(N,)`,
         and $\\log \\sum_i e^{l_i}$, a scalar.
     """
-    log_weights = jnp.where(jnp.isnan(log_weights) | (log_weights == jnp.inf), -jnp.inf,
-                            log_weights)
+    log_weights = jnp.where(
+        jnp.isnan(log_weights) | (log_weights == jnp.inf), -jnp.inf, log_weights
+    )
     alive = jnp.any(log_weights > -jnp.inf)
     # Double `where`: the dead branch must not produce NaN cotangents.
     safe = jnp.where(alive, log_weights, jnp.zeros_like(log_weights))

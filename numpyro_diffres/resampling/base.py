@@ -1,6 +1,7 @@
 """The resampler protocol and the input checks every resampler shares."""
 
 import math
+import numbers
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import jax.numpy as jnp
@@ -41,9 +42,9 @@ class PreparedInput(NamedTuple):
 def check_positive(name: str, value: float, *, integer: bool = False) -> None:
     """Raise a `ValueError`/`TypeError` unless `value` is a positive (integer) number."""
     if integer:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be a positive int, got {value!r}.")
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive number, got {value!r}.")
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be positive and finite, got {value!r}.")
@@ -91,4 +92,3 @@ def prepare(log_weights: Array, particles: Array, *, require_float: bool = True)
 def uniform_log_weights(n: int, dtype: jnp.dtype) -> Array:
     """Log-weights $-\\log N$ of shape `(N,)`."""
     return jnp.full((n,), -math.log(n), dtype)
-

@@ -1,5 +1,6 @@
-"""Diffusion resampling (Andersson & Zhao, "Diffusion differentiable resampling",
-arXiv:2512.10401, ICML 2026).
+"""Diffusion resampling: a smooth transport map from an ensemble score.
+
+Andersson & Zhao, "Diffusion differentiable resampling", arXiv:2512.10401, ICML 2026.
 
 The weighted cloud $(X_i, w_i)$ is whitened by its weighted mean $\\mu$ and covariance
 $\\Sigma$ (diagonal, or full through a Cholesky factor), $Z_i = \\Sigma^{-1/2}(X_i - \\mu)$.
@@ -24,6 +25,7 @@ is an approximation of the weighted cloud, exact in its first two moments only i
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -93,9 +95,7 @@ class Diffusion:
 
         init_key, noise_key = jax.random.split(key)
         z = jax.random.normal(init_key, (n, d), dtype)
-        noise = (
-            None if self.ode else jax.random.normal(noise_key, (self.num_steps, n, d), dtype)
-        )
+        noise = None if self.ode else jax.random.normal(noise_key, (self.num_steps, n, d), dtype)
 
         def step(z, inputs):
             coefficient, step_noise = inputs
@@ -146,16 +146,22 @@ def diffusion(
     Raises:
         ValueError: non-positive `num_steps`, `time`, `rate` or negative `jitter`, or an unknown
             `integrator` / `covariance`.
+        TypeError: a non-numeric (or bool) `num_steps`, `time`, `rate` or `jitter`, a
+            non-integer `num_steps`, or a non-bool `ode`.
     """
     check_positive("num_steps", num_steps, integer=True)
     check_positive("time", time)
     check_positive("rate", rate)
-    if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not jitter >= 0:
+    if isinstance(jitter, bool) or not isinstance(jitter, numbers.Real):
+        raise TypeError(f"jitter must be a non-negative number, got {jitter!r}.")
+    if not 0 <= jitter < math.inf:
         raise ValueError(f"jitter must be a non-negative number, got {jitter!r}.")
+    if not isinstance(ode, bool):
+        raise TypeError(f"ode must be a bool, got {ode!r}.")
     if integrator not in _INTEGRATORS:
         raise ValueError(f"integrator must be one of {_INTEGRATORS}, got {integrator!r}.")
     if covariance not in _COVARIANCES:
         raise ValueError(f"covariance must be one of {_COVARIANCES}, got {covariance!r}.")
     return Diffusion(
-        num_steps, float(time), float(rate), integrator, bool(ode), covariance, float(jitter)
+        int(num_steps), float(time), float(rate), integrator, ode, covariance, float(jitter)
     )

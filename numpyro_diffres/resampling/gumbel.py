@@ -8,7 +8,6 @@ draw as $\\tau \\to 0$. Differentiable, but biased for every $\\tau > 0$ (it shr
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.resampling.base import check_positive, prepare, uniform_log_weights

@@ -1,5 +1,7 @@
-"""Entropy-regularised optimal-transport resampling (Corenflos, Thornton, Deligiannidis &
-Doucet, "Differentiable particle filtering via entropy-regularized optimal transport", 2021).
+"""Entropy-regularised optimal-transport resampling.
+
+Corenflos, Thornton, Deligiannidis & Doucet, "Differentiable particle filtering via
+entropy-regularized optimal transport", 2021.
 
 The weighted cloud $(X, w)$ is transported onto the uniform cloud $(X, 1/N)$ by the Sinkhorn
 plan $P$ (row sums $w$, column sums $1/N$); output particle $j$ is $N \\sum_i P_{ij} X_i$.
@@ -59,13 +61,24 @@ class OptimalTransport:
         scale = jnp.sqrt(variance * (1.0 + 1e-6) + jnp.sqrt(jnp.finfo(flat.dtype).tiny))
         whitened = (flat - mean) / scale
         geometry = pointcloud.PointCloud(whitened, whitened, epsilon=self.epsilon)
+        # A zero source weight (a dropped or underflowed particle) turns the implicit
+        # gradient into 0 * inf = NaN; a floor far below the dtype's resolution avoids it
+        # without changing the forward pass.
+        source = jnp.maximum(jnp.exp(normalized), jnp.finfo(flat.dtype).eps ** 2)
         problem = linear_problem.LinearProblem(
-            geometry, a=jnp.exp(normalized), b=jnp.full((n,), 1.0 / n, flat.dtype)
+            geometry, a=source / jnp.sum(source), b=jnp.full((n,), 1.0 / n, flat.dtype)
         )
+        # The implicit system is singular along the constant shift of the potentials
+        # (ridge_kernel removes it; valid for balanced OT) and ott's default tolerance of 1e-6
+        # is below float32 resolution: without both, lineax raises on small or well separated
+        # float32 clouds.
+        tolerance = max(1e-6, 1e3 * float(jnp.finfo(flat.dtype).eps))
         solver = sinkhorn.Sinkhorn(
             threshold=self.threshold,
             max_iterations=self.max_iterations,
-            implicit_diff=implicit_differentiation.ImplicitDiff()
+            implicit_diff=implicit_differentiation.ImplicitDiff(
+                solver_kwargs={"ridge_kernel": 1e-2, "rtol": tolerance, "atol": tolerance}
+            )
             if self.implicit_gradient
             else None,
         )
@@ -109,8 +122,14 @@ def optimal_transport(
 
     Raises:
         ValueError: non-positive `epsilon`, `threshold` or `max_iterations`.
+        TypeError: a non-numeric (or bool) `epsilon` or `threshold`, a non-integer
+            `max_iterations`, or a non-bool `implicit_gradient`.
     """
     check_positive("epsilon", epsilon)
     check_positive("threshold", threshold)
     check_positive("max_iterations", max_iterations, integer=True)
-    return OptimalTransport(float(epsilon), float(threshold), max_iterations, implicit_gradient)
+    if not isinstance(implicit_gradient, bool):
+        raise TypeError(f"implicit_gradient must be a bool, got {implicit_gradient!r}.")
+    return OptimalTransport(
+        float(epsilon), float(threshold), int(max_iterations), implicit_gradient
+    )

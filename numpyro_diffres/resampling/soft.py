@@ -7,6 +7,7 @@ gradient through the weights at all.
 """
 
 import dataclasses
+import numbers
 
 import jax.numpy as jnp
 
@@ -50,7 +51,7 @@ def soft(alpha: float = 0.5, *, base: IndexResampler | None = None) -> Soft:
     Raises:
         ValueError: `alpha` outside $(0, 1]$.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a number in (0, 1], got {alpha!r}.")
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must lie in (0, 1], got {alpha!r}.")

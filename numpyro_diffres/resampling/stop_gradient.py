@@ -1,5 +1,6 @@
-"""Stop-gradient resampling (Ścibior & Wood, "Differentiable particle filtering without
-modifying the forward pass", 2021).
+"""Stop-gradient resampling: index draws with the score-function gradient.
+
+Ścibior & Wood, "Differentiable particle filtering without modifying the forward pass", 2021.
 
 The forward pass is the base index resampler's. The returned log-weights are
 $-\\log N + l_{I} - \\mathrm{sg}(l_{I})$: uniform in value, but their gradient is that of the
