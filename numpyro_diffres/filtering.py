@@ -51,6 +51,7 @@ def particle_filter(
     num_particles: int,
     resampler: Resampler | None = None,
     ess_threshold: float = 1.0,
+    particle_sharding: jax.sharding.Sharding | None = None,
 ) -> FilterResult:
     """Run a (bootstrap or guided) particle filter and estimate the log-likelihood.
 
@@ -69,13 +70,20 @@ def particle_filter(
         ess_threshold: resample when ESS < `ess_threshold * N`. The default 1.0 resamples at
             every step, which keeps the fixed-noise likelihood smooth (an ESS-triggered switch
             is itself a jump in the parameters); 0.0 never resamples.
+        particle_sharding: optional `jax.sharding.Sharding` for arrays whose leading axis is
+            the particle axis, e.g. `NamedSharding(jax.make_mesh((4,), ("particles",)),
+            PartitionSpec("particles"))`: the particles and log-weights are constrained to it
+            at every step, so under `jit` XLA splits the per-particle work (and the
+            resampler's matrix products) across devices. Random draws do not depend on the
+            sharding (JAX's partitionable threefry), so the result equals the one-device result
+            to rounding. `num_particles` must be divisible by the number of shards.
 
     Returns:
         A `FilterResult`.
 
     Raises:
         ValueError: bad `num_particles`, `ess_threshold` or observation shape.
-        TypeError: `resampler` is not callable.
+        TypeError: `resampler` is not callable, or `particle_sharding` is not a `Sharding`.
     """
     if isinstance(num_particles, bool) or not isinstance(num_particles, int):
         raise TypeError(f"num_particles must be an int >= 2, got {num_particles!r}.")
@@ -85,6 +93,11 @@ def particle_filter(
         raise TypeError(f"ess_threshold must be a number in [0, 1], got {ess_threshold!r}.")
     if not 0.0 <= ess_threshold <= 1.0:
         raise ValueError(f"ess_threshold must lie in [0, 1], got {ess_threshold!r}.")
+    if particle_sharding is not None and not isinstance(particle_sharding, jax.sharding.Sharding):
+        raise TypeError(
+            "particle_sharding must be a jax.sharding.Sharding (e.g. a NamedSharding over the "
+            f"particle axis) or None; got {particle_sharding!r}."
+        )
     resampler = diffusion() if resampler is None else resampler
     if not callable(resampler):
         raise TypeError(
@@ -104,10 +117,18 @@ def particle_filter(
         warn_no_rsample("transition")
 
     n = num_particles
+    if particle_sharding is not None:
+        particle_sharding = _auto_sharding(particle_sharding, n)
+
+    def constrain(*arrays):
+        if particle_sharding is None:
+            return arrays
+        return tuple(jax.lax.with_sharding_constraint(a, particle_sharding) for a in arrays)
+
     missing, filled = _missing(observations)
     initial_key, steps_key = jax.random.split(key)
     initial, initial_valid = _guard(model.initial)
-    particles = initial.sample(initial_key, (n,))
+    (particles,) = constrain(initial.sample(initial_key, (n,)))
     log_likelihood = jax.vmap(lambda x: _log_prob(model.emission(x, jnp.int32(0)), filled[0]))(
         particles
     )
@@ -120,7 +141,7 @@ def particle_filter(
     never = ess_threshold <= 0.0
 
     def resample(key, particles, log_weights):
-        new_particles, new_log_weights = resampler(key, log_weights, particles)
+        new_particles, new_log_weights = constrain(*resampler(key, log_weights, particles))
         return new_particles.astype(particles.dtype), log_normalize(new_log_weights)[0].astype(
             log_weights.dtype
         )
@@ -142,8 +163,8 @@ def particle_filter(
                 log_weights,
             )
         move_keys = jax.random.split(move_key, n)
-        new_particles, log_correction = jax.vmap(lambda k, x: _propagate(model, k, x, t, y))(
-            move_keys, particles
+        new_particles, log_correction = constrain(
+            *jax.vmap(lambda k, x: _propagate(model, k, x, t, y))(move_keys, particles)
         )
         log_likelihood = jax.vmap(lambda x: _log_prob(model.emission(x, t), y))(new_particles)
         log_likelihood = jnp.where(y_missing, 0.0, log_likelihood)
@@ -160,6 +181,31 @@ def particle_filter(
         for a, b in zip(first, rest, strict=True)
     )
     return FilterResult(jnp.sum(increments), increments, ess, mean, variance)
+
+
+def _auto_sharding(sharding: jax.sharding.Sharding, num_particles: int) -> jax.sharding.Sharding:
+    """Check that the particle axis splits evenly; give a named mesh JAX's automatic axes.
+
+    `jax.make_mesh` makes explicit-mode axes by default, which `with_sharding_constraint`
+    refuses; the filter only states where the particle axis lives and lets XLA propagate the
+    rest, so the same devices and axis names are re-wrapped as automatic axes.
+    """
+    try:
+        sharding.shard_shape((num_particles,))
+    except ValueError as error:
+        raise ValueError(
+            f"num_particles={num_particles} does not split evenly over particle_sharding "
+            f"{sharding}: choose num_particles divisible by the number of particle shards."
+        ) from error
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        mesh = sharding.mesh
+        auto = jax.sharding.AxisType.Auto
+        if any(axis_type != auto for axis_type in mesh.axis_types):
+            mesh = jax.sharding.Mesh(
+                mesh.devices, mesh.axis_names, axis_types=(auto,) * len(mesh.axis_names)
+            )
+            sharding = jax.sharding.NamedSharding(mesh, sharding.spec)
+    return sharding
 
 
 def _summaries(log_weights: Array, particles: Array) -> tuple[Array, Array, Array]:

@@ -68,6 +68,7 @@ def particle_factor(
     key: PRNGKey | None = None,
     ess_threshold: float = 1.0,
     record: bool = False,
+    particle_sharding: jax.sharding.Sharding | None = None,
 ) -> FilterResult:
     """Add a particle-filter log-likelihood to the enclosing NumPyro model.
 
@@ -91,6 +92,8 @@ def particle_factor(
         ess_threshold: see `particle_filter`; keep 1.0 under NUTS.
         record: also record `{name}_filtered_mean`, `{name}_filtered_variance` and
             `{name}_ess` as `numpyro.deterministic` sites.
+        particle_sharding: optional sharding of the particle axis across devices; see
+            `particle_filter`.
 
     Returns:
         The `FilterResult`, for further use in the model.
@@ -115,6 +118,7 @@ def particle_factor(
         num_particles=num_particles,
         resampler=resampler,
         ess_threshold=ess_threshold,
+        particle_sharding=particle_sharding,
     )
     numpyro.factor(name, result.log_likelihood_increments)
     if record:
