@@ -32,14 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_diffres._typing import Array, PRNGKey
+from numpyro_diffres.resampling.attention import attention, block_size
 from numpyro_diffres.resampling.base import check_positive, prepare, uniform_log_weights
 
 __all__ = ["Diffusion", "diffusion"]
 
-_INTEGRATORS = ("exponential", "euler")
-_COVARIANCES = ("diagonal", "full")
 # Largest K * N^2 attention entries kept for the backward pass of one resampling call.
 _STORE_LIMIT = 2**22
+
+_INTEGRATORS = ("exponential", "euler")
+_COVARIANCES = ("diagonal", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,23 +99,28 @@ class Diffusion:
         z = jax.random.normal(init_key, (n, d), dtype)
         noise = None if self.ode else jax.random.normal(noise_key, (self.num_steps, n, d), dtype)
 
+        # Below the limit reverse mode stores the K attention matrices (fastest); above it the
+        # attention's own reverse pass recomputes them block by block (memory O(B N)).
+        store = n * n * self.num_steps <= _STORE_LIMIT
+        block = block_size(n, n)
+
         def step(z, inputs):
             coefficient, step_noise = inputs
             c_over_v, c2_over_v, inv_v = coefficient[0], coefficient[1], coefficient[2]
-            logits = normalized + c_over_v * (z @ data.T) - c2_over_v * half_squared_norms
-            attention = jax.nn.softmax(logits, axis=1)
+            # Logits l_j + (c/v) z.Z_j - (c^2/2v)|Z_j|^2: a bias per key plus a scaled product.
+            bias = normalized - c2_over_v * half_squared_norms
+            if store:
+                logits = bias + c_over_v * (z @ data.T)
+                posterior_mean = jax.nn.softmax(logits, axis=1) @ data
+            else:
+                posterior_mean = attention(z, data, bias, c_over_v, block=block)
             # score = (c * E[Z | z] - z) / v
-            score = c_over_v * (attention @ data) - inv_v * z
+            score = c_over_v * posterior_mean - inv_v * z
             z = growth * z + drift * score_weight * score
             if step_noise is not None:
                 z = z + noise_scale * step_noise
             return z, None
 
-        if n * n * self.num_steps > _STORE_LIMIT:
-            # Reverse mode then stores only the (N, d) state per step and recomputes the
-            # (N, N) attention matrix in the backward pass. Below the limit, storing the K
-            # matrices is cheaper than recomputing them.
-            step = jax.checkpoint(step)
         z, _ = jax.lax.scan(step, z, (jnp.asarray(coefficients, dtype), noise))
         return unwhiten(z).reshape(n, *event_shape), uniform_log_weights(n, dtype)
 
