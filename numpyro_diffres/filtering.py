@@ -29,7 +29,8 @@ class FilterResult(NamedTuple):
 
     Attributes:
         log_likelihood: estimate of $\\log p(y_{0:T-1})$, a scalar; $-\\infty$ when every
-            particle has zero weight at some step (e.g. parameters outside their support).
+            particle has zero weight at some step (e.g. parameters outside their support, an
+            infinite observation), and then its gradient is exactly zero.
         log_likelihood_increments: per-time terms, shape `(T,)`, summing to `log_likelihood`.
         ess: effective sample size of the weights after observing $y_t$, shape `(T,)`.
         filtered_mean: weighted mean of $x_t$ given $y_{0:t}$, shape `(T, *state_shape)`.
@@ -148,9 +149,14 @@ def particle_filter(
 
     @jax.checkpoint
     def step(carry, inputs):
-        particles, log_weights = carry
+        particles, log_weights, alive = carry
         step_key, t, y, y_missing = inputs
         resample_key, move_key = jax.random.split(step_key)
+        # Once every particle has had weight zero the estimate is -inf whatever follows; the
+        # cloud (often overflowing, e.g. an explosive transition) is replaced by a harmless
+        # placeholder so that no resampler or density sees it: its NaN derivatives would
+        # otherwise reach the parameters through the discarded branches (0 * inf).
+        particles = jnp.where(alive, particles, jnp.zeros_like(particles))
         if always:
             particles, log_weights = resample(resample_key, particles, log_weights)
         elif not never:
@@ -170,16 +176,24 @@ def particle_filter(
         log_likelihood = jnp.where(y_missing, 0.0, log_likelihood)
         log_weights, increment = log_normalize(log_weights + log_correction + log_likelihood)
         summaries = (increment, *_summaries(log_weights, new_particles))
-        return (new_particles, log_weights), summaries
+        alive = alive & jax.lax.stop_gradient(increment > -jnp.inf)
+        return (new_particles, log_weights, alive), summaries
 
     num_steps = observations.shape[0]
     keys = jax.random.split(steps_key, max(num_steps - 1, 0))
     times = jnp.arange(1, num_steps, dtype=jnp.int32)
-    _, rest = jax.lax.scan(step, (particles, log_weights), (keys, times, filled[1:], missing[1:]))
+    alive = jax.lax.stop_gradient(increment > -jnp.inf)
+    _, rest = jax.lax.scan(
+        step, (particles, log_weights, alive), (keys, times, filled[1:], missing[1:])
+    )
     increments, ess, mean, variance = (
         jnp.concatenate([jnp.expand_dims(a, 0), b], axis=0)
         for a, b in zip(first, rest, strict=True)
     )
+    # A -inf estimate has gradient zero (NUTS then rejects the point cleanly), rather than the
+    # finite but meaningless gradient of the terms around the impossible step.
+    possible = jax.lax.stop_gradient(jnp.all(increments > -jnp.inf))
+    increments = jnp.where(possible, increments, jax.lax.stop_gradient(increments))
     return FilterResult(jnp.sum(increments), increments, ess, mean, variance)
 
 
@@ -238,13 +252,46 @@ def _float_dtype(x: Array):
 
 
 def _log_prob(distribution: Distribution, value: Array) -> Array:
-    distribution, valid = _guard(distribution)
-    log_prob = distribution.log_prob(value)
-    # NaN (invalid parameters or values) is an impossible particle, not a poisoned estimate.
-    return jnp.where(valid & ~jnp.isnan(log_prob), log_prob, -jnp.inf)
+    safe, valid = _guard(distribution)
+    log_prob = safe.log_prob(value)
+    # NaN or -inf (invalid parameters, a value outside the support, an infinite observation,
+    # an overflow) is an impossible particle, not a poisoned estimate. Its gradient is NaN or
+    # infinite, which the `where` below would still turn into NaN (0 * inf): such points are
+    # evaluated again at a feasible parameter and value, whose gradient is finite.
+    possible = jax.lax.stop_gradient(valid & jnp.isfinite(log_prob))
+    feasible, _ = _guard(distribution, ~possible)
+    point = jnp.where(possible, value, feasible.support.feasible_like(value))
+    return jnp.where(possible, _log_density(feasible, point), -jnp.inf)
 
 
-def _guard(distribution: Distribution) -> tuple[Distribution, Array]:
+@jax.custom_jvp
+def _log_density(distribution: Distribution, value: Array) -> Array:
+    """`distribution.log_prob(value)` (a scalar) whose non-finite partial derivatives are zero.
+
+    A finite log-density can still have a NaN derivative at the edge of the parameter space,
+    e.g. NumPyro's Poisson term `xlogy(k, rate)` at `k = 0` and a `rate` that underflowed to
+    0 (`0 / 0`), where the limit is finite (that term's derivative is then multiplied by
+    `d rate = 0` anyway). Zero is the value of such entries in the limit. A JVP rule (rather
+    than a VJP) keeps forward mode, hence Hessians, available.
+    """
+    return distribution.log_prob(value)
+
+
+@_log_density.defjvp
+def _log_density_jvp(primals, tangents):
+    log_prob, pullback = jax.vjp(lambda d, v: d.log_prob(v), *primals)
+    partials = pullback(jnp.ones_like(log_prob))
+    tangent = jnp.zeros_like(log_prob)
+    for partial, direction in zip(
+        jax.tree.leaves(partials), jax.tree.leaves(tangents), strict=True
+    ):
+        if jnp.issubdtype(partial.dtype, jnp.inexact):
+            finite = jnp.where(jnp.isfinite(partial), partial, jnp.zeros_like(partial))
+            tangent = tangent + jnp.sum(finite * direction)
+    return log_prob, tangent
+
+
+def _guard(distribution: Distribution, replace: Array | None = None) -> tuple[Distribution, Array]:
     """Split a distribution into a safe copy and a flag saying whether its parameters are valid.
 
     NumPyro only checks constraints on concrete values; inside a traced filter (jit, grad,
@@ -253,10 +300,11 @@ def _guard(distribution: Distribution) -> tuple[Distribution, Array]:
     NaN into the gradient through the discarded branch of a `where`, so each invalid parameter
     is replaced by a feasible one (the double-`where` pattern) and the caller masks the result
     with the returned flag. Wrappers are unwrapped through `Independent`; a distribution that
-    cannot be rebuilt from its parameters is only checked, not made safe.
+    cannot be rebuilt from its parameters is only checked, not made safe. Where the optional
+    boolean `replace` is true, every checked parameter is replaced by a feasible one.
     """
     if isinstance(distribution, dist.Independent):
-        base, valid = _guard(distribution.base_dist)
+        base, valid = _guard(distribution.base_dist, replace)
         return dist.Independent(base, distribution.reinterpreted_batch_ndims), valid
     valid = jnp.asarray(True)
     safe = {}
@@ -269,7 +317,8 @@ def _guard(distribution: Distribution) -> tuple[Distribution, Array]:
             continue
         ok = jnp.all(constraint(value))
         valid = valid & ok
-        safe[name] = jnp.where(ok, value, constraint.feasible_like(value))
+        keep = ok if replace is None else ok & ~replace
+        safe[name] = jnp.where(keep, value, constraint.feasible_like(value))
     try:
         with numpyro.validation_enabled(False):
             rebuilt = type(distribution)(**safe)

@@ -89,6 +89,9 @@ def _dynamax_filter(params: LinearGaussianParams, observations: Array):
     d = params.initial_mean.shape[0]
     p = params.emission_matrix.shape[0]
     dtype = params.initial_mean.dtype
+    # TFP (inside dynamax) refuses observations of another float dtype than the parameters
+    # instead of promoting them, e.g. float32 data in a float64 model; use the model's dtype.
+    observations = jnp.asarray(observations, dtype)
     lgssm = ParamsLGSSM(
         initial=ParamsLGSSMInitial(mean=params.initial_mean, cov=params.initial_cov),
         dynamics=ParamsLGSSMDynamics(

@@ -4,12 +4,20 @@ import math
 import numbers
 from typing import NamedTuple, Protocol, runtime_checkable
 
+import jax
 import jax.numpy as jnp
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.weights import log_normalize
 
-__all__ = ["PreparedInput", "Resampler", "check_positive", "prepare", "uniform_log_weights"]
+__all__ = [
+    "PreparedInput",
+    "Resampler",
+    "check_positive",
+    "prepare",
+    "uniform_log_weights",
+    "whitening_scale",
+]
 
 
 @runtime_checkable
@@ -92,3 +100,28 @@ def prepare(log_weights: Array, particles: Array, *, require_float: bool = True)
 def uniform_log_weights(n: int, dtype: jnp.dtype) -> Array:
     """Log-weights $-\\log N$ of shape `(N,)`."""
     return jnp.full((n,), -math.log(n), dtype)
+
+
+def whitening_scale(weights: Array, centered: Array, jitter: float) -> Array:
+    """Per-coordinate scale $\\sqrt{\\sigma^2 (1 + \\text{jitter}) + \\sqrt{\\text{tiny}}}$.
+
+    $\\sigma^2$ is the weighted variance. It is computed relative to the largest deviation
+    (held constant for differentiation), so deviations whose squares overflow (above about
+    $10^{19}$ in float32) still give a finite scale and gradient.
+
+    Args:
+        weights: normalised weights, shape `(N,)`.
+        centered: particles minus their weighted mean, shape `(N, d)`; rows of zero weight
+            must be zero.
+        jitter: relative variance floor.
+
+    Returns:
+        Shape `(d,)`, at least $\\text{tiny}^{1/4}$.
+    """
+    floor = jnp.finfo(centered.dtype).tiny ** 0.25  # floor**2 = sqrt(tiny)
+    largest = jax.lax.stop_gradient(jnp.max(jnp.abs(centered), axis=0))
+    # Never below the floor, so (floor / magnitude)^2 <= 1 cannot overflow, and the square
+    # root's argument stays positive (its derivative finite) for a collapsed cloud.
+    magnitude = jnp.maximum(largest, floor)
+    relative = weights @ (centered / magnitude) ** 2
+    return magnitude * jnp.sqrt(relative * (1.0 + jitter) + (floor / magnitude) ** 2)

@@ -33,7 +33,12 @@ import numpy as np
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.resampling.attention import attention, block_size
-from numpyro_diffres.resampling.base import check_positive, prepare, uniform_log_weights
+from numpyro_diffres.resampling.base import (
+    check_positive,
+    prepare,
+    uniform_log_weights,
+    whitening_scale,
+)
 
 __all__ = ["Diffusion", "diffusion"]
 
@@ -59,12 +64,12 @@ class Diffusion:
     def _whiten(self, log_weights: Array, flat: Array):
         weights = jnp.exp(log_weights)
         mean = weights @ flat
-        centered = flat - mean
-        variance = weights @ centered**2
+        # Zero-weight rows take no part, whatever their value (a huge one would overflow when
+        # squared, and 0 * inf is NaN); their keys get no attention anyway.
+        centered = jnp.where((weights > 0)[:, None], flat - mean, jnp.zeros((), flat.dtype))
         # A relative floor keeps scale-free behaviour; the absolute floor sqrt(tiny) only
         # matters for a collapsed cloud, which then maps to its single point without NaN.
-        tiny = jnp.sqrt(jnp.finfo(flat.dtype).tiny)
-        scale = jnp.sqrt(variance * (1.0 + self.jitter) + tiny)
+        scale = whitening_scale(weights, centered, self.jitter)
         if self.covariance == "diagonal":
             return centered / scale, lambda z: mean + z * scale
         standardized = centered / scale

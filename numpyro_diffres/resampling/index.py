@@ -3,7 +3,7 @@
 These draw ancestor indices and copy particles. They are unbiased but not differentiable: the
 indices are piecewise constant in the weights, so autodiff sees only the pathwise term through
 the copied particle values (a biased gradient), and a fixed-noise likelihood built on them jumps
-whenever an index flips. The index draws reuse `blackjax.smc.resampling`.
+whenever an index flips. Systematic and stratified draws reuse `blackjax.smc.resampling`.
 """
 
 import dataclasses
@@ -18,8 +18,23 @@ from numpyro_diffres.resampling.base import prepare, uniform_log_weights
 
 __all__ = ["IndexResampler", "multinomial", "stratified", "systematic"]
 
+
+def _multinomial(key: PRNGKey, weights: Array, num_samples: int) -> Array:
+    """Multinomial indices from sorted uniforms (normalised cumulative exponential spacings).
+
+    `jax.random.exponential` is $-\\log(1 - u)$, finite for every $u \\in [0, 1)$; the
+    $-\\log u$ spacings of `blackjax.smc.resampling.multinomial` are $+\\infty$ when a float32
+    uniform is exactly 0 (probability $2^{-23}$ per draw, about $6 \\cdot 10^{-5}$ per call at
+    N = 512), which turns the sorted uniforms into 0 and NaN and collapses the draw onto the
+    first and last particles whatever their weights.
+    """
+    spacings = jax.random.exponential(key, (num_samples + 1,), weights.dtype)
+    totals = jnp.cumsum(spacings)
+    return jnp.searchsorted(jnp.cumsum(weights), totals[:-1] / totals[-1])
+
+
 _SCHEMES: dict[str, Callable[[PRNGKey, Array, int], Array]] = {
-    "multinomial": blackjax_resampling.multinomial,
+    "multinomial": _multinomial,
     "systematic": blackjax_resampling.systematic,
     "stratified": blackjax_resampling.stratified,
 }
@@ -38,7 +53,14 @@ class IndexResampler:
     def indices(self, key: PRNGKey, log_weights: Array, num_samples: int) -> Array:
         """Draw `num_samples` ancestor indices from normalised `log_weights` (no gradient)."""
         weights = jnp.exp(jax.lax.stop_gradient(log_weights))
-        return _SCHEMES[self.scheme](key, weights, num_samples)
+        indices = _SCHEMES[self.scheme](key, weights, num_samples)
+        # The float cumulative sum can end just below 1 (by ~N ulps), and a uniform can be
+        # exactly 0: such draws fall past the last (or before the first) particle of positive
+        # weight onto a zero-weight one. They belong to the nearest positive-weight particle.
+        positive = weights > 0
+        first = jnp.argmax(positive)
+        last = weights.shape[0] - 1 - jnp.argmax(positive[::-1])
+        return jnp.clip(indices, first, last)
 
     def __call__(self, key: PRNGKey, log_weights: Array, particles: Array) -> tuple[Array, Array]:
         """Resample; returns `(particles, log_weights)` with uniform log-weights."""

@@ -15,14 +15,20 @@ $O(N^2 d)$ per Sinkhorn iteration.
 import dataclasses
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
+import lineax
 from ott.geometry import pointcloud
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import implicit_differentiation, sinkhorn
 
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.resampling.base import check_positive, prepare, uniform_log_weights
-from numpyro_diffres.weights import weighted_moments
+from numpyro_diffres.resampling.base import (
+    check_positive,
+    prepare,
+    uniform_log_weights,
+    whitening_scale,
+)
 
 __all__ = ["OptimalTransport", "TransportInfo", "optimal_transport"]
 
@@ -41,6 +47,47 @@ class TransportInfo(NamedTuple):
     error: Array
 
 
+class _FiniteOrZero(lineax.AbstractLinearSolver):
+    """Normal-equations CG for the implicit gradient that never raises.
+
+    With strongly degenerate weights (an effective sample size near 1, common under
+    informative observations) the implicit-differentiation system is so ill-conditioned in
+    float32 that CG returns a non-finite solution or stops at its step limit, and
+    `lineax.linear_solve` then raises inside `jit` (through a host callback), aborting e.g. a
+    whole NUTS run. Here a non-finite solution is replaced by zero, which drops the implicit
+    term of the gradient for that call (the explicit term remains), and the step limit is
+    not an error either: the implicit term is dropped then too. This prevents the crash, not
+    the underlying inaccuracy: for such clouds the float32 implicit gradient can be far from
+    the unrolled one (or NaN after many filter steps); `implicit_gradient=False` is the
+    reliable choice there.
+    """
+
+    inner: lineax.AbstractLinearSolver
+
+    def __init__(self, **kwargs):
+        self.inner = lineax.Normal(lineax.CG(**kwargs))
+
+    def init(self, operator, options):
+        return self.inner.init(operator, options)
+
+    def compute(self, state, vector, options):
+        solution, result, statistics = self.inner.compute(state, vector, options)
+        leaves = jax.tree.leaves(solution)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+        usable = finite & (result == lineax.RESULTS.successful)
+        solution = jax.tree.map(lambda x: jnp.where(usable, x, jnp.zeros_like(x)), solution)
+        return solution, lineax.RESULTS.successful, statistics
+
+    def transpose(self, state, options):
+        return self.inner.transpose(state, options)
+
+    def conj(self, state, options):
+        return self.inner.conj(state, options)
+
+    def assume_full_rank(self):
+        return self.inner.assume_full_rank()
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimalTransport:
     """Entropy-regularised OT resampling; see `optimal_transport`."""
@@ -57,14 +104,22 @@ class OptimalTransport:
         del key  # deterministic given the input
         flat, normalized, event_shape = prepare(log_weights, particles)
         n = flat.shape[0]
-        mean, variance = weighted_moments(normalized, flat)
-        scale = jnp.sqrt(variance * (1.0 + 1e-6) + jnp.sqrt(jnp.finfo(flat.dtype).tiny))
-        whitened = (flat - mean) / scale
+        weights = jnp.exp(normalized)
+        mean = weights @ flat
+        # Every input particle is also a target location. One whose weight is below the
+        # source floor (dead, or underflowed) and far from the cloud is a target no mass can
+        # reach: Sinkhorn stalls, the output keeps the dead particle and the implicit
+        # gradient's linear solve fails (lineax raises). It is moved to the weighted mean.
+        floor = jnp.finfo(flat.dtype).eps ** 2
+        negligible = normalized < jnp.log(floor)
+        flat = jnp.where(negligible[:, None], mean, flat)
+        centered = flat - mean  # zero on the rows of zero weight, as whitening_scale needs
+        whitened = centered / whitening_scale(weights, centered, 1e-6)
         geometry = pointcloud.PointCloud(whitened, whitened, epsilon=self.epsilon)
         # A zero source weight (a dropped or underflowed particle) turns the implicit
         # gradient into 0 * inf = NaN; a floor far below the dtype's resolution avoids it
         # without changing the forward pass.
-        source = jnp.maximum(jnp.exp(normalized), jnp.finfo(flat.dtype).eps ** 2)
+        source = jnp.maximum(weights, floor)
         problem = linear_problem.LinearProblem(
             geometry, a=source / jnp.sum(source), b=jnp.full((n,), 1.0 / n, flat.dtype)
         )
@@ -77,7 +132,12 @@ class OptimalTransport:
             threshold=self.threshold,
             max_iterations=self.max_iterations,
             implicit_diff=implicit_differentiation.ImplicitDiff(
-                solver_kwargs={"ridge_kernel": 1e-2, "rtol": tolerance, "atol": tolerance}
+                solver_kwargs={
+                    "ridge_kernel": 1e-2,
+                    "nonsym_solver": _FiniteOrZero,
+                    "rtol": tolerance,
+                    "atol": tolerance,
+                }
             )
             if self.implicit_gradient
             else None,
