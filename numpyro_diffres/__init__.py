@@ -14,12 +14,16 @@ from numpyro_diffres.linear_gaussian import (
     linear_gaussian,
 )
 from numpyro_diffres.primitives import particle_factor, sample_trajectory
+from numpyro_diffres.samplers import BlackjaxInfo, BlackjaxResult, blackjax_nuts, to_inference_data
 from numpyro_diffres.ssm import StateSpaceModel, simulate
 
 __all__ = [
+    "BlackjaxInfo",
+    "BlackjaxResult",
     "FilterResult",
     "LinearGaussianParams",
     "StateSpaceModel",
+    "blackjax_nuts",
     "dense_log_likelihood",
     "kalman_filtered_moments",
     "kalman_log_likelihood",
@@ -29,4 +33,5 @@ __all__ = [
     "resampling",
     "sample_trajectory",
     "simulate",
+    "to_inference_data",
 ]
