@@ -1,15 +1,30 @@
-"""Scaling benchmark: what users feel (NUTS end to end), gradient memory and time against N.
+r"""Scaling benchmark: what users feel (NUTS end to end), gradient memory and time against N.
 
 Sections (choose with `--sections`):
 
 * `nuts`: NUTS (300 warmup + 400 samples, one chain) on an AR(1)-plus-noise model, T = 30,
   with the diffusion particle-filter likelihood at several (N, K, dtype) settings, next to NUTS
   on the exact Kalman likelihood: wall time up to `get_samples()`, posterior means and SDs
-  against the exact posterior (in exact-posterior SDs), divergences.
+  against the exact posterior (in exact-posterior SDs), divergences, and whether the setting
+  meets the target (under 60 s, means within 0.3 exact SD, SDs within 30%).
 * `gradient`: `value_and_grad` of the filter log-likelihood on a linear-Gaussian model with
-  d = 4, T = 100: XLA's compiled temporary memory for N in {256, ..., 16384} (read from the
-  compiled executable, not run), and the measured time where `--max-run-particles` allows.
-* `resampler`: the diffusion resampler alone, forward, d = 4, for N up to `--max-resampler-n`.
+  d = 4, T = 100, for diffusion, optimal-transport and stop-gradient(systematic) resampling:
+  XLA's compiled temporary memory for N in {256, ..., 16384} (read from the compiled
+  executable, not run), and the measured time where `--max-run-particles` and
+  `--max-gradient-call-seconds` allow.
+* `resampler`: the diffusion resampler alone, forward, d = 4, for N up to `--max-resampler-n`,
+  with the attention path it takes (stored matrices or block-wise) and its compiled memory.
+* `accuracy`: resampled-mean error against forward time, diffusion (K in {4, 8, 16}) and
+  optimal transport (epsilon in {0.1, 0.2, 0.4, 0.8}) at N in {1024, 4096, 8192}, on the
+  conjugate Gaussian example of `benchmarks/resampling.py` (prior $N(0, I_d)$, likelihood
+  $N(y; x, 0.5 I_d)$, exact posterior mean $y / 1.5$), and the comparison at equal error.
+* `precision`: the filter log-likelihood in float32 and float64 with the same key, and over
+  several keys, for the AR(1) model of `nuts` and the linear-Gaussian model of `gradient`.
+
+Every time is a median of jit-compiled calls after compilation (a call that takes more than
+2 s is timed once, without a warm-up call). Where a call is predicted (from the largest smaller
+N measured, as $t (N / N')^2$) to exceed its section's limit, it is not run and the row says
+so; predicted times are labelled as estimates.
 
     python benchmarks/scaling.py                        # everything, default sizes
     python benchmarks/scaling.py --sections nuts --quick
@@ -19,9 +34,13 @@ Prints markdown and writes JSON (and the markdown beside it) under `benchmarks/r
 
 import argparse
 import datetime
+import functools
+import importlib.util
 import json
+import math
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -33,10 +52,25 @@ import numpyro.distributions as dist
 from numpyro.infer import MCMC, NUTS
 
 import numpyro_diffres as ndr
+from numpyro_diffres.resampling.attention import block_size
+from numpyro_diffres.resampling.diffusion import _STORE_LIMIT
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "scaling.json"
 TRUE = {"phi": 0.8, "q": 0.5, "r": 0.5}
-NUTS_SETTINGS = [(256, 8, "float64"), (128, 8, "float64"), (64, 8, "float64"), (64, 4, "float32")]
+NUTS_SETTINGS = [
+    (256, 8, "float64"),
+    (128, 8, "float64"),
+    (64, 8, "float64"),
+    (128, 4, "float32"),
+    (64, 4, "float32"),
+]
+# The NUTS target: under this many seconds, posterior means within MEAN_TOLERANCE exact
+# posterior SDs of the exact ones and SDs within SD_TOLERANCE (relative) of the exact ones.
+TARGET_SECONDS = 60.0
+MEAN_TOLERANCE = 0.3
+SD_TOLERANCE = 0.3
+# A call slower than this is timed once, without a warm-up call.
+SINGLE_CALL_SECONDS = 2.0
 
 
 def _ar1(phi, q, r):
@@ -79,6 +113,16 @@ def _exact_model(observations):
     numpyro.factor("y", ndr.kalman_log_likelihood(params, observations[:, None]))
 
 
+def _ar1_observations(num_time_steps):
+    with jax.enable_x64(True):
+        _, observations = ndr.simulate(jax.random.PRNGKey(0), _ar1(**TRUE), num_time_steps)
+    return np.asarray(observations)
+
+
+def _load():
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def _run_nuts(model, observations, args, **kwargs):
     mcmc = MCMC(
         NUTS(model),
@@ -97,203 +141,711 @@ def _run_nuts(model, observations, args, **kwargs):
 def nuts_section(args):
     """End-to-end NUTS: diffusion filter settings against the exact likelihood."""
     rows = []
+    observations = _ar1_observations(args.num_time_steps)
     with jax.enable_x64(True):
-        _, observations = ndr.simulate(jax.random.PRNGKey(0), _ar1(**TRUE), args.num_time_steps)
-        exact, seconds, divergent, leapfrog = _run_nuts(_exact_model, observations, args)
+        exact, seconds, divergent, leapfrog = _run_nuts(
+            _exact_model, jnp.asarray(observations), args
+        )
         exact_mean = {k: float(v.mean()) for k, v in exact.items()}
         exact_sd = {k: float(v.std()) for k, v in exact.items()}
-        rows.append(
-            {"likelihood": "exact (Kalman)", "seconds": seconds, "divergent": divergent}
-            | {"leapfrog_per_iteration": leapfrog}
-            | {f"{k}_mean": exact_mean[k] for k in TRUE}
-            | {f"{k}_sd": exact_sd[k] for k in TRUE}
-        )
-        print(f"exact: {seconds:.1f} s", flush=True)
+    rows.append(
+        {"likelihood": "exact (Kalman)", "seconds": seconds, "divergent": divergent}
+        | {"leapfrog_per_iteration": leapfrog, "load": _load()}
+        | {f"{k}_mean": exact_mean[k] for k in TRUE}
+        | {f"{k}_sd": exact_sd[k] for k in TRUE}
+    )
+    print(f"exact: {seconds:.1f} s", flush=True)
     for num_particles, num_steps, dtype in args.nuts_settings:
         with jax.enable_x64(dtype == "float64"):
-            data = jnp.asarray(np.asarray(observations), dtype)
+            data = jnp.asarray(observations, dtype)
             samples, seconds, divergent, leapfrog = _run_nuts(
                 _particle_model, data, args, num_particles=num_particles, num_steps=num_steps
             )
+            sample_dtype = str(samples["phi"].dtype)
         row = {
             "likelihood": f"diffusion N={num_particles} K={num_steps} {dtype}",
+            "num_particles": num_particles,
+            "num_steps": num_steps,
+            "dtype": dtype,
+            "sample_dtype": sample_dtype,
             "seconds": seconds,
             "divergent": divergent,
             "leapfrog_per_iteration": leapfrog,
+            "load": _load(),
         }
         for k in TRUE:
             mean, sd = float(samples[k].mean()), float(samples[k].std())
             row[f"{k}_mean"], row[f"{k}_sd"] = mean, sd
             row[f"{k}_mean_error_in_sd"] = (mean - exact_mean[k]) / exact_sd[k]
             row[f"{k}_sd_ratio"] = sd / exact_sd[k]
+        row["accurate"] = all(
+            abs(row[f"{k}_mean_error_in_sd"]) <= MEAN_TOLERANCE
+            and abs(row[f"{k}_sd_ratio"] - 1.0) <= SD_TOLERANCE
+            for k in TRUE
+        )
+        row["meets_target"] = row["accurate"] and seconds < TARGET_SECONDS
         rows.append(row)
         print(f"{row['likelihood']}: {seconds:.1f} s", flush=True)
     return rows
 
 
-def _linear_gaussian_filter(num_particles, num_steps, dimension=4):
-    observations = jnp.zeros((num_steps, dimension))
+def _gradient_resamplers(args):
+    resampling = ndr.resampling
+    return {
+        "diffusion": resampling.diffusion(),
+        "optimal_transport": resampling.optimal_transport(args.ot_epsilon),
+        "stop_gradient": resampling.stop_gradient(resampling.systematic()),
+    }
 
-    def log_likelihood(phi):
+
+def _linear_gaussian_log_likelihood(num_particles, num_steps, resampler, dimension=4):
+    """`(key, phi) -> log-likelihood` of a d-dimensional linear-Gaussian model (zero data)."""
+
+    def log_likelihood(key, phi):
+        observations = jnp.zeros((num_steps, dimension), jnp.asarray(phi).dtype)
         model = ndr.StateSpaceModel(
-            initial=dist.Normal(jnp.zeros(dimension), 1.0).to_event(1),
+            initial=dist.Normal(jnp.zeros(dimension, observations.dtype), 1.0).to_event(1),
             transition=lambda x, t: dist.Normal(phi * x, 1.0).to_event(1),
             emission=lambda x, t: dist.Normal(x, 0.5).to_event(1),
         )
         return ndr.particle_filter(
-            jax.random.PRNGKey(0), model, observations, num_particles=num_particles
+            key, model, observations, num_particles=num_particles, resampler=resampler
         ).log_likelihood
 
-    return jax.jit(jax.value_and_grad(log_likelihood))
+    return log_likelihood
 
 
-def _median_ms(function, *arguments, repeats):
+def _time_calls(function, *arguments, repeats):
+    """`(seconds, runs)`: median of `repeats` calls after a warm-up call, or one call alone."""
+    start = time.perf_counter()
     jax.block_until_ready(function(*arguments))
+    first = time.perf_counter() - start
+    if first > SINGLE_CALL_SECONDS:
+        return first, 1
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(function(*arguments))
         times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return float(np.median(times)), repeats
+
+
+def _predicted(history, key, n):
+    """Seconds per call extrapolated as t (N / N')^2 from the largest smaller N measured."""
+    if key not in history:
+        return None, None
+    previous_n, seconds = history[key]
+    return seconds * (n / previous_n) ** 2, previous_n
 
 
 def gradient_section(args):
     """Compiled memory (and time where affordable) of value_and_grad of the filter."""
-    rows = []
+    rows, history = [], {}
     with jax.enable_x64(True):
-        for n in args.gradient_sizes:
-            function = _linear_gaussian_filter(n, args.gradient_time_steps)
-            compiled = function.lower(jnp.asarray(0.5)).compile()
-            memory = compiled.memory_analysis()
-            naive = args.gradient_time_steps * 8 * n * n * 8
-            row = {
-                "N": n,
-                "T": args.gradient_time_steps,
-                "temporary_MiB": memory.temp_size_in_bytes / 2**20,
-                "naive_attention_storage_MiB": naive / 2**20,
-                "value_and_grad_ms": None,
-            }
-            if n <= args.max_run_particles:
-                row["value_and_grad_ms"] = _median_ms(compiled, jnp.asarray(0.5), repeats=3)
-            rows.append(row)
-            print(row, flush=True)
+        phi = jnp.asarray(0.5, jnp.float64)
+        for method, resampler in _gradient_resamplers(args).items():
+            for n in args.gradient_sizes:
+                log_likelihood = _linear_gaussian_log_likelihood(
+                    n, args.gradient_time_steps, resampler
+                )
+                function = jax.jit(
+                    jax.value_and_grad(functools.partial(log_likelihood, jax.random.PRNGKey(0)))
+                )
+                start = time.perf_counter()
+                compiled = function.lower(phi).compile()
+                compile_seconds = time.perf_counter() - start
+                memory = compiled.memory_analysis()
+                row = {
+                    "method": method,
+                    "N": n,
+                    "T": args.gradient_time_steps,
+                    "temporary_MiB": memory.temp_size_in_bytes / 2**20,
+                    "compile_s": compile_seconds,
+                    "naive_attention_storage_MiB": (
+                        args.gradient_time_steps * 8 * n * n * 8 / 2**20
+                        if method == "diffusion"
+                        else None
+                    ),
+                    "value_and_grad_ms": None,
+                    "runs": 0,
+                    "note": "",
+                }
+                predicted, previous_n = _predicted(history, method, n)
+                if n > args.max_run_particles:
+                    row["note"] = (
+                        f"compiled only (N > {args.max_run_particles}, --max-run-particles)"
+                    )
+                elif predicted is not None and predicted > args.max_gradient_call_seconds:
+                    row["note"] = (
+                        f"compiled only: estimated {predicted:.0f} s per call from N={previous_n} "
+                        f"(N^2 scaling; > {args.max_gradient_call_seconds:.0f} s)"
+                    )
+                    row["estimated_s"] = predicted
+                else:
+                    seconds, row["runs"] = _time_calls(compiled, phi, repeats=args.repeats)
+                    row["value_and_grad_ms"] = 1e3 * seconds
+                    history[method] = (n, seconds)
+                rows.append(row)
+                print(row, flush=True)
     return rows
 
 
 def resampler_section(args):
     """Forward time of the diffusion resampler alone, d = 4, K = 8, float64."""
-    rows = []
+    rows, history = [], {}
     resampler = ndr.resampling.diffusion()
     with jax.enable_x64(True):
         for n in args.resampler_sizes:
             if n > args.max_resampler_n:
+                rows.append({"N": n, "note": "not compiled (N > --max-resampler-n)"})
                 continue
             particles = jax.random.normal(jax.random.PRNGKey(0), (n, 4))
             log_weights = jax.random.normal(jax.random.PRNGKey(1), (n,))
             forward = jax.jit(lambda lw, x: resampler(jax.random.PRNGKey(2), lw, x)[0])
-            rows.append(
-                {"N": n, "forward_ms": _median_ms(forward, log_weights, particles, repeats=3)}
-            )
-            print(rows[-1], flush=True)
+            start = time.perf_counter()
+            compiled = forward.lower(log_weights, particles).compile()
+            compile_seconds = time.perf_counter() - start
+            stored = resampler.num_steps * n * n <= _STORE_LIMIT
+            row = {
+                "N": n,
+                "path": "stored" if stored else f"block-wise, {block_size(n, n)} queries",
+                "temporary_MiB": compiled.memory_analysis().temp_size_in_bytes / 2**20,
+                "compile_s": compile_seconds,
+                "forward_ms": None,
+                "runs": 0,
+                "note": "",
+            }
+            predicted, previous_n = _predicted(history, "diffusion", n)
+            if predicted is not None and predicted > args.max_resampler_call_seconds:
+                row["estimated_s"] = predicted
+                row["note"] = (
+                    f"compiled only: estimated {predicted:.0f} s per call from N={previous_n} "
+                    f"(N^2 scaling; > {args.max_resampler_call_seconds:.0f} s)"
+                )
+            else:
+                seconds, row["runs"] = _time_calls(
+                    compiled, log_weights, particles, repeats=args.repeats
+                )
+                row["forward_ms"] = 1e3 * seconds
+                previous = history.get("diffusion")
+                if previous is not None:
+                    row["estimate_from_previous_s"] = previous[1] * (n / previous[0]) ** 2
+                history["diffusion"] = (n, seconds)
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 
+def _resampling_benchmark():
+    """The sibling `benchmarks/resampling.py` (its conjugate example and exact posterior)."""
+    spec = importlib.util.spec_from_file_location(
+        "resampling_benchmark", Path(__file__).resolve().parent / "resampling.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _weighted_moments(log_weights, particles):
+    log_weights = np.asarray(log_weights, np.float64)
+    weights = np.exp(log_weights - log_weights.max())
+    weights /= weights.sum()
+    particles = np.asarray(particles, np.float64)
+    mean = weights @ particles
+    return mean, weights @ (particles - mean) ** 2
+
+
+def accuracy_section(args):
+    """Resampled-mean error against forward time: diffusion (K) and OT (epsilon) at several N."""
+    example = _resampling_benchmark()
+    d = args.accuracy_dimension
+    exact_mean = example.posterior_mean(d)
+    exact_variance = example.OBSERVATION_VARIANCE / (1.0 + example.OBSERVATION_VARIANCE)
+    settings = [
+        ("diffusion", f"K={k}", ndr.resampling.diffusion(num_steps=k))
+        for k in args.accuracy_num_steps
+    ] + [
+        ("optimal_transport", f"epsilon={e}", ndr.resampling.optimal_transport(e).solve)
+        for e in args.accuracy_epsilons
+    ]
+    seeds = range(args.accuracy_seeds)
+    rows, history = [], {}
+    with jax.enable_x64(True):
+        for n in args.accuracy_sizes:
+            data = [
+                example.gaussian_example(jax.random.PRNGKey(10_000 + s), n, d, jnp.float64)
+                for s in seeds
+            ]
+            keys = [jax.random.PRNGKey(20_000 + s) for s in seeds]
+            inputs = [_weighted_moments(lw, x) for lw, x in data]
+            for method, label, resampler in settings:
+                row = {"method": method, "setting": label, "N": n, "d": d}
+                predicted, previous_n = _predicted(history, (method, label), n)
+                budget = None if predicted is None else predicted * len(seeds)
+                if budget is not None and budget > args.max_accuracy_seconds:
+                    row["estimated_forward_ms"] = 1e3 * predicted
+                    row["note"] = (
+                        f"not run: estimated {predicted:.0f} s per call from N={previous_n} "
+                        f"(N^2 scaling), {len(seeds)} seeds > {args.max_accuracy_seconds:.0f} s"
+                    )
+                    rows.append(row)
+                    print(row, flush=True)
+                    continue
+                compiled = jax.jit(resampler).lower(keys[0], *data[0]).compile()
+                times, outputs = [], []
+                for index, (key, (log_weights, particles)) in enumerate(
+                    zip(keys, data, strict=True)
+                ):
+                    start = time.perf_counter()
+                    output = jax.block_until_ready(compiled(key, log_weights, particles))
+                    seconds = time.perf_counter() - start
+                    if index == 0 and seconds <= SINGLE_CALL_SECONDS:
+                        # Cheap: the first call was a warm-up; time it again.
+                        start = time.perf_counter()
+                        output = jax.block_until_ready(compiled(key, log_weights, particles))
+                        seconds = time.perf_counter() - start
+                    times.append(seconds)
+                    outputs.append(output)
+                means, variances = zip(
+                    *(_weighted_moments(out[1], out[0]) for out in outputs), strict=True
+                )
+                input_means = np.array([m for m, _ in inputs])
+                input_variances = np.array([v for _, v in inputs])
+                means, variances = np.array(means), np.array(variances)
+
+                def rms(difference):
+                    return float(np.sqrt(np.mean(np.sum(difference**2, axis=1))))
+
+                forward = statistics.median(times)
+                history[(method, label)] = (n, forward)
+                row |= {
+                    "seeds": len(seeds),
+                    "forward_ms": 1e3 * forward,
+                    "rms_error": rms(means - exact_mean),
+                    "input_rms_error": rms(input_means - exact_mean),
+                    "resampler_rms_error": rms(means - input_means),
+                    "variance_ratio": float(np.mean(variances) / exact_variance),
+                    "input_variance_ratio": float(np.mean(input_variances) / exact_variance),
+                }
+                if method == "optimal_transport":
+                    row["converged_fraction"] = float(
+                        np.mean([bool(out[2].converged) for out in outputs])
+                    )
+                    row["sinkhorn_iterations"] = float(
+                        np.mean([int(out[2].num_iterations) for out in outputs])
+                    )
+                rows.append(row)
+                print(row, flush=True)
+    return {"rows": rows, "comparisons": _equal_error_comparisons(rows, args.verdict_min_n)}
+
+
+def _equal_error_comparisons(rows, min_n):
+    """For each diffusion setting at N >= min_n: the fastest OT setting with no larger error."""
+    measured = [row for row in rows if "rms_error" in row]
+    transport = [row for row in measured if row["method"] == "optimal_transport"]
+    comparisons = []
+    for row in measured:
+        if row["method"] != "diffusion" or row["N"] < min_n:
+            continue
+        matches = [other for other in transport if other["rms_error"] <= row["rms_error"]]
+        best = min(matches, key=lambda other: other["forward_ms"], default=None)
+        comparisons.append(
+            {
+                "diffusion": f"N={row['N']} {row['setting']}",
+                "diffusion_error": row["rms_error"],
+                "diffusion_ms": row["forward_ms"],
+                "transport": None if best is None else f"N={best['N']} {best['setting']}",
+                "transport_error": None if best is None else best["rms_error"],
+                "transport_ms": None if best is None else best["forward_ms"],
+                "transport_over_diffusion_time": (
+                    None if best is None else best["forward_ms"] / row["forward_ms"]
+                ),
+            }
+        )
+    return comparisons
+
+
+def precision_section(args):
+    """Filter log-likelihood in float32 and float64: same key, and spread over keys."""
+    observations = _ar1_observations(args.num_time_steps)
+    n_ar1, k_ar1 = args.precision_ar1
+    n_lg = args.precision_linear_gaussian_particles
+
+    def ar1(dtype):
+        data = jnp.asarray(observations, dtype)
+        resampler = ndr.resampling.diffusion(num_steps=k_ar1)
+
+        def log_likelihood(key):
+            model = _ar1(*(jnp.asarray(TRUE[k], dtype) for k in ("phi", "q", "r")))
+            return ndr.particle_filter(
+                key, model, data, num_particles=n_ar1, resampler=resampler
+            ).log_likelihood
+
+        return log_likelihood
+
+    def linear_gaussian(dtype):
+        log_likelihood = _linear_gaussian_log_likelihood(
+            n_lg, args.gradient_time_steps, ndr.resampling.diffusion()
+        )
+        return lambda key: log_likelihood(key, jnp.asarray(0.5, dtype))
+
+    models = {
+        f"AR(1) of `nuts` at the true parameters, T={args.num_time_steps}, N={n_ar1}, "
+        f"K={k_ar1}": ar1,
+        f"linear-Gaussian of `gradient`, d=4, T={args.gradient_time_steps}, N={n_lg}, K=8, "
+        "phi=0.5": linear_gaussian,
+    }
+    rows = []
+    for name, build in models.items():
+        values = {}
+        for dtype in ("float32", "float64"):
+            with jax.enable_x64(dtype == "float64"):
+                function = jax.jit(build(dtype))
+                results = [function(jax.random.PRNGKey(s)) for s in range(args.precision_keys)]
+                assert all(str(r.dtype) == dtype for r in results), (dtype, results[0].dtype)
+                values[dtype] = np.array([float(r) for r in results])
+        single, double = values["float32"], values["float64"]
+        standard_error = math.sqrt((single.var(ddof=1) + double.var(ddof=1)) / len(single))
+        row = {
+            "model": name,
+            "keys": len(single),
+            "float32_key0": float(single[0]),
+            "float64_key0": float(double[0]),
+            "relative_difference_key0": abs(single[0] - double[0]) / abs(double[0]),
+            "float32_mean": float(single.mean()),
+            "float64_mean": float(double.mean()),
+            "float32_sd": float(single.std(ddof=1)),
+            "float64_sd": float(double.std(ddof=1)),
+            "relative_difference_of_means": abs(single.mean() - double.mean()) / abs(double.mean()),
+            "mean_difference_in_standard_errors": (single.mean() - double.mean()) / standard_error,
+        }
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def _cell(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def _nuts_markdown(report):
+    settings = report["settings"]
+    lines = [
+        "## NUTS end to end (AR(1) plus noise)",
+        "",
+        f"T = {settings['num_time_steps']}, {settings['num_warmup']} warmup + "
+        f"{settings['num_samples']} samples, one chain, time up to `get_samples()` including "
+        "compilation. Mean error in exact-posterior SDs and SD ratio against NUTS on the exact "
+        "Kalman likelihood of the same data. Target: under "
+        f"{TARGET_SECONDS:.0f} s with every mean error within {MEAN_TOLERANCE} and every SD "
+        f"ratio within 1 +/- {SD_TOLERANCE}. The load column is the 1-minute load average "
+        "when the row finished.",
+        "",
+        "| likelihood | seconds | leapfrog/iter | divergent | "
+        + " | ".join(f"{k} mean err (SD) | {k} SD ratio" for k in TRUE)
+        + " | target met | load |",
+        "|---|---:|---:|---:|" + "---:|" * (2 * len(TRUE)) + "---|---:|",
+    ]
+    for row in report["nuts"]:
+        cells = [
+            row["likelihood"],
+            f"{row['seconds']:.1f}",
+            f"{row['leapfrog_per_iteration']:.1f}",
+            str(row["divergent"]),
+        ]
+        for k in TRUE:
+            if f"{k}_mean_error_in_sd" in row:
+                cells += [f"{row[f'{k}_mean_error_in_sd']:+.2f}", f"{row[f'{k}_sd_ratio']:.2f}"]
+            else:
+                cells += [f"({row[f'{k}_mean']:.3f})", f"({row[f'{k}_sd']:.3f})"]
+        if "meets_target" not in row:
+            cells.append("")
+        elif row["meets_target"]:
+            cells.append("yes")
+        else:
+            reasons = [] if row["accurate"] else ["accuracy"]
+            reasons += [] if row["seconds"] < TARGET_SECONDS else ["time"]
+            cells.append(f"no ({', '.join(reasons)})")
+        cells.append(f"{row['load'][0]:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "The exact row shows the exact posterior mean and SD in parentheses.", ""]
+    return lines
+
+
+def _gradient_markdown(report):
+    lines = [
+        "## value_and_grad of the filter: memory and time (d = 4, float64)",
+        "",
+        f"Linear-Gaussian model, T = {report['settings']['gradient_time_steps']}; diffusion with "
+        "K = 8, optimal transport with epsilon = "
+        f"{report['settings']['ot_epsilon']} (implicit gradient), stop-gradient over systematic "
+        "resampling. Temporary memory of XLA's compiled plan (`memory_analysis()`); for "
+        "diffusion against storing every attention matrix (T x K x N^2 x 8 bytes). Times: see "
+        "the runs column (1 = a single call after compilation); '-' = compiled only, the note "
+        "says why.",
+        "",
+        "| resampler | N | compiled temporaries MiB | naive storage MiB | value_and_grad ms "
+        "| runs | note |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in report["gradient"]:
+        lines.append(
+            f"| {row['method']} | {row['N']} | {row['temporary_MiB']:.1f} | "
+            f"{_cell(row['naive_attention_storage_MiB'], '.0f')} | "
+            f"{_cell(row['value_and_grad_ms'], '.0f')} | {row['runs']} | {row['note']} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _resampler_markdown(report):
+    lines = [
+        "## Diffusion resampler alone, forward (d = 4, K = 8, float64)",
+        "",
+        "Path: 'stored' keeps the K attention matrices (K N^2 <= "
+        f"{_STORE_LIMIT} entries); above that the attention runs block-wise over queries "
+        "(one block of queries x N keys at a time, forward and backward). The N^2 column "
+        "extrapolates the previous row's measured time by (N / N')^2: an estimate, shown to "
+        "compare with the measurement.",
+        "",
+        "| N | path | compiled temporaries MiB | forward ms | runs | N^2 estimate from "
+        "previous row, ms | note |",
+        "|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for row in report["resampler"]:
+        if "path" not in row:
+            lines.append(f"| {row['N']} | | | - | 0 | | {row['note']} |")
+            continue
+        estimate = row.get("estimate_from_previous_s", row.get("estimated_s"))
+        lines.append(
+            f"| {row['N']} | {row['path']} | {row['temporary_MiB']:.1f} | "
+            f"{_cell(row['forward_ms'], '.1f')} | {row['runs']} | "
+            f"{_cell(None if estimate is None else 1e3 * estimate, '.0f')} | {row['note']} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _accuracy_markdown(report, comparisons_min_n):
+    accuracy = report["accuracy"]
+    rows = accuracy["rows"]
+    seeds = next((row["seeds"] for row in rows if "seeds" in row), 0)
+    d = rows[0]["d"] if rows else 0
+    lines = [
+        f"## Resampled-mean error against forward time (d = {d}, float64)",
+        "",
+        "Conjugate example of `benchmarks/resampling.py`: particles from the prior "
+        "$N(0, I_d)$, log-weights the log-likelihood $N(y; x, 0.5 I_d)$ with $y = 1_d$; exact "
+        "posterior mean $y / 1.5$ and variance $1/3$ per coordinate. Over "
+        f"{seeds} seeds (the same data for every resampler at one N; relative Monte Carlo error "
+        f"of an RMS about $1/\\sqrt{{2 S d}}$ = {1 / math.sqrt(2 * max(seeds, 1) * d):.2f}): "
+        "RMS error of the resampled mean against the exact posterior mean, the same for the "
+        "weighted input mean (the floor every resampler adds to), the RMS distance between the "
+        "resampled and the weighted input mean (the resampler's own error), and the mean "
+        "resampled per-coordinate variance over the exact one (input: weighted variance). "
+        "Forward ms: median over the seeds' calls. OT's mean is the weighted mean whenever "
+        "Sinkhorn converges (its plan's rows carry the weights), so the mean error cannot show "
+        "OT's bias: its shrinking variance can.",
+        "",
+        "| N | resampler | setting | forward ms | mean RMS error | input floor | resampler's "
+        "own error | variance ratio | input variance ratio | note |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        if "rms_error" not in row:
+            lines.append(
+                f"| {row['N']} | {row['method']} | {row['setting']} | - | - | - | - | - | - | "
+                f"{row['note']} |"
+            )
+            continue
+        note = ""
+        if "converged_fraction" in row:
+            note = (
+                f"Sinkhorn converged {row['converged_fraction']:.0%}, "
+                f"{row['sinkhorn_iterations']:.0f} iterations"
+            )
+        lines.append(
+            f"| {row['N']} | {row['method']} | {row['setting']} | {row['forward_ms']:.1f} | "
+            f"{row['rms_error']:.4f} | {row['input_rms_error']:.4f} | "
+            f"{row['resampler_rms_error']:.4f} | {row['variance_ratio']:.3f} | "
+            f"{row['input_variance_ratio']:.3f} | {note} |"
+        )
+    comparisons = accuracy["comparisons"]
+    lines += [
+        "",
+        f"### At equal error (N >= {comparisons_min_n})",
+        "",
+        "For each diffusion setting, the fastest measured OT setting (any N, any epsilon) whose "
+        "mean RMS error is no larger.",
+        "",
+        "| diffusion | error | ms | fastest OT with error <= | its error | its ms | "
+        "OT time / diffusion time |",
+        "|---|---:|---:|---|---:|---:|---:|",
+    ]
+    for c in comparisons:
+        lines.append(
+            f"| {c['diffusion']} | {c['diffusion_error']:.4f} | {c['diffusion_ms']:.1f} | "
+            f"{c['transport'] or 'none measured'} | {_cell(c['transport_error'], '.4f')} | "
+            f"{_cell(c['transport_ms'], '.1f')} | "
+            f"{_cell(c['transport_over_diffusion_time'], '.1f')} |"
+        )
+    lines += ["", _verdict(comparisons, comparisons_min_n), ""]
+    return lines
+
+
+def _verdict(comparisons, min_n):
+    matched = [c for c in comparisons if c["transport"] is not None]
+    unmatched = [c["diffusion"] for c in comparisons if c["transport"] is None]
+    if not comparisons:
+        return "No diffusion setting at that N was measured: no verdict."
+    faster = [c for c in matched if c["transport_over_diffusion_time"] > 1.0]
+    text = f"Claim 'at equal resampled-mean error, diffusion is faster than OT at N >= {min_n}': "
+    if len(faster) == len(matched):
+        text += f"holds in this run for all {len(comparisons)} diffusion settings"
+        if matched:
+            ratios = [c["transport_over_diffusion_time"] for c in matched]
+            text += f" (OT {min(ratios):.1f}x to {max(ratios):.1f}x slower where it matched)"
+    else:
+        slower = [c["diffusion"] for c in matched if c not in faster]
+        text += f"does not hold for {', '.join(slower)}"
+    if unmatched:
+        text += (
+            f"; no measured OT setting reached the error of {', '.join(unmatched)} (OT would "
+            "need a larger N than measured there)"
+        )
+    return text + "."
+
+
+def _precision_markdown(report):
+    lines = [
+        "## float32 against float64 log-likelihood",
+        "",
+        "The float32 run is a separate trace with x64 disabled (`jax.enable_x64(False)`), "
+        "observations and parameters cast to float32; the float64 run has x64 enabled. The "
+        "same key does not give the same random numbers in both: JAX draws float64 normals "
+        "from 64-bit words and float32 ones from 32-bit words, so the same-key difference "
+        "contains Monte Carlo noise of the filter, not only rounding. The spread over keys "
+        "shows how large that noise is; the last column compares the two dtypes' mean "
+        "estimates in standard errors.",
+        "",
+        "| model | keys | key 0: float32 | key 0: float64 | key 0: relative difference | "
+        "SD over keys (f32 / f64) | mean over keys (f32 / f64) | relative difference of "
+        "means | difference in SE |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["precision"]:
+        lines.append(
+            f"| {row['model']} | {row['keys']} | {row['float32_key0']:.4f} | "
+            f"{row['float64_key0']:.4f} | {row['relative_difference_key0']:.1e} | "
+            f"{row['float32_sd']:.3f} / {row['float64_sd']:.3f} | "
+            f"{row['float32_mean']:.3f} / {row['float64_mean']:.3f} | "
+            f"{row['relative_difference_of_means']:.1e} | "
+            f"{row['mean_difference_in_standard_errors']:+.2f} |"
+        )
+    lines.append("")
+    return lines
+
+
 def _markdown(report):
+    loads = ", ".join(
+        f"{section} {load[0]:.1f}" for section, load in report["section_loads"].items()
+    )
     lines = [
         "# Scaling benchmark",
         "",
         f"Run {report['date']} on {report['platform']} ({os.cpu_count()} CPUs), jax "
-        f"{jax.__version__}; total {report['total_seconds']:.0f} s. Load average at start / "
-        f"end: {report['load_start']} / {report['load_end']} (other processes share the CPUs: "
-        "compare within this run only).",
+        f"{jax.__version__}; total {report['total_seconds']:.0f} s. Load average (1, 5, 15 "
+        f"min) at start / end: {report['load_start']} / {report['load_end']}; 1-minute load "
+        f"when each section started: {loads}. Other processes share the CPUs: compare within "
+        "this run only.",
         "",
     ]
+    if report.get("cuts"):
+        lines += ["What this run left out, and why:", ""]
+        lines += [f"- {cut}" for cut in report["cuts"]]
+        lines.append("")
     if report.get("nuts"):
-        lines += [
-            "## NUTS end to end (AR(1) plus noise)",
-            "",
-            f"T = {report['settings']['num_time_steps']}, {report['settings']['num_warmup']} "
-            f"warmup + {report['settings']['num_samples']} samples, one chain, time up to "
-            "`get_samples()` including compilation. Mean error in exact-posterior SDs and SD "
-            "ratio against NUTS on the exact Kalman likelihood of the same data.",
-            "",
-            "| likelihood | seconds | leapfrog/iter | divergent | "
-            + " | ".join(f"{k} mean err (SD) | {k} SD ratio" for k in TRUE)
-            + " |",
-            "|---|---:|---:|---:|" + "---:|" * (2 * len(TRUE)),
-        ]
-        for row in report["nuts"]:
-            cells = [
-                row["likelihood"],
-                f"{row['seconds']:.1f}",
-                f"{row['leapfrog_per_iteration']:.1f}",
-                str(row["divergent"]),
-            ]
-            for k in TRUE:
-                if f"{k}_mean_error_in_sd" in row:
-                    cells += [f"{row[f'{k}_mean_error_in_sd']:+.2f}", f"{row[f'{k}_sd_ratio']:.2f}"]
-                else:
-                    cells += [f"({row[f'{k}_mean']:.3f})", f"({row[f'{k}_sd']:.3f})"]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", "The exact row shows the exact posterior mean and SD in parentheses.", ""]
+        lines += _nuts_markdown(report)
     if report.get("gradient"):
-        lines += [
-            "## value_and_grad of the filter: memory and time (d = 4, K = 8, float64)",
-            "",
-            "Temporary memory of XLA's compiled plan (`memory_analysis()`), against storing "
-            "every attention matrix (T x K x N^2 x 8 bytes).",
-            "",
-            "| N | T | compiled temporaries MiB | naive storage MiB | value_and_grad ms |",
-            "|---:|---:|---:|---:|---:|",
-        ]
-        for row in report["gradient"]:
-            time_cell = (
-                "-" if row["value_and_grad_ms"] is None else f"{row['value_and_grad_ms']:.0f}"
-            )
-            lines.append(
-                f"| {row['N']} | {row['T']} | {row['temporary_MiB']:.1f} | "
-                f"{row['naive_attention_storage_MiB']:.0f} | {time_cell} |"
-            )
-        lines.append("")
+        lines += _gradient_markdown(report)
     if report.get("resampler"):
-        lines += [
-            "## Diffusion resampler alone, forward (d = 4, K = 8, float64)",
-            "",
-            "| N | forward ms |",
-            "|---:|---:|",
-        ]
-        lines += [f"| {row['N']} | {row['forward_ms']:.1f} |" for row in report["resampler"]]
-        lines.append("")
+        lines += _resampler_markdown(report)
+    if report.get("accuracy"):
+        lines += _accuracy_markdown(report, report["settings"]["verdict_min_n"])
+    if report.get("precision"):
+        lines += _precision_markdown(report)
     return "\n".join(lines)
+
+
+def _cuts(report):
+    """One line per row that was not (fully) measured, from the notes the sections left."""
+    cuts = []
+    for row in report.get("gradient", []):
+        if row["value_and_grad_ms"] is None:
+            cuts.append(f"gradient, {row['method']}, N={row['N']}: {row['note']}")
+    for row in report.get("resampler", []):
+        if row.get("forward_ms") is None:
+            cuts.append(f"resampler, N={row['N']}: {row['note']}")
+    for row in report.get("accuracy", {}).get("rows", []):
+        if "rms_error" not in row:
+            cuts.append(f"accuracy, {row['method']} {row['setting']}, N={row['N']}: {row['note']}")
+    return cuts
+
+
+SECTIONS = {
+    "nuts": nuts_section,
+    "gradient": gradient_section,
+    "resampler": resampler_section,
+    "accuracy": accuracy_section,
+    "precision": precision_section,
+}
 
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--sections",
-        nargs="+",
-        default=["nuts", "gradient", "resampler"],
-        choices=["nuts", "gradient", "resampler"],
-    )
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test sizes")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after a warm-up")
     parser.add_argument("--num-time-steps", type=int, default=30)
     parser.add_argument("--num-warmup", type=int, default=300)
     parser.add_argument("--num-samples", type=int, default=400)
     parser.add_argument("--gradient-time-steps", type=int, default=100)
     parser.add_argument("--gradient-sizes", nargs="+", type=int, default=[256, 1024, 4096, 16384])
-    parser.add_argument("--max-run-particles", type=int, default=1024)
+    parser.add_argument("--max-run-particles", type=int, default=16384)
+    parser.add_argument("--max-gradient-call-seconds", type=float, default=60.0)
+    parser.add_argument("--ot-epsilon", type=float, default=0.5)
     parser.add_argument(
         "--resampler-sizes", nargs="+", type=int, default=[1024, 4096, 16384, 65536]
     )
-    parser.add_argument("--max-resampler-n", type=int, default=16384)
+    parser.add_argument("--max-resampler-n", type=int, default=65536)
+    parser.add_argument("--max-resampler-call-seconds", type=float, default=300.0)
+    parser.add_argument("--accuracy-sizes", nargs="+", type=int, default=[1024, 4096, 8192])
+    parser.add_argument("--accuracy-num-steps", nargs="+", type=int, default=[4, 8, 16])
+    parser.add_argument("--accuracy-epsilons", nargs="+", type=float, default=[0.1, 0.2, 0.4, 0.8])
+    parser.add_argument("--accuracy-seeds", type=int, default=4)
+    parser.add_argument("--accuracy-dimension", type=int, default=4)
+    parser.add_argument(
+        "--max-accuracy-seconds",
+        type=float,
+        default=150.0,
+        help="skip a setting whose estimated time over all seeds is larger",
+    )
+    parser.add_argument("--verdict-min-n", type=int, default=4096)
+    parser.add_argument("--precision-keys", type=int, default=16)
+    parser.add_argument("--precision-ar1", nargs=2, type=int, default=[64, 4], help="N K")
+    parser.add_argument("--precision-linear-gaussian-particles", type=int, default=256)
     args = parser.parse_args(argv)
     args.nuts_settings = NUTS_SETTINGS
     if args.quick:
         args.num_time_steps, args.num_warmup, args.num_samples = 10, 20, 20
-        args.nuts_settings = [(16, 4, "float64")]
+        args.nuts_settings = [(16, 4, "float32")]
         args.gradient_time_steps, args.gradient_sizes, args.max_run_particles = 5, [64, 256], 64
-        args.resampler_sizes, args.max_resampler_n = [64, 256], 256
+        args.resampler_sizes, args.max_resampler_n = [64, 256, 1024], 256
+        args.accuracy_sizes, args.accuracy_num_steps = [64, 128], [2, 4]
+        args.accuracy_epsilons, args.accuracy_seeds, args.verdict_min_n = [0.4, 0.8], 2, 128
+        args.precision_keys, args.precision_ar1 = 3, [16, 2]
+        args.precision_linear_gaussian_particles = 32
     return args
 
 
@@ -303,17 +855,16 @@ def main(argv=None):
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(),
-        "load_start": [round(x, 2) for x in os.getloadavg()],
+        "load_start": _load(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out",) and not callable(v)},
+        "section_loads": {},
     }
-    if "nuts" in args.sections:
-        report["nuts"] = nuts_section(args)
-    if "gradient" in args.sections:
-        report["gradient"] = gradient_section(args)
-    if "resampler" in args.sections:
-        report["resampler"] = resampler_section(args)
+    for name in args.sections:
+        report["section_loads"][name] = _load()
+        report[name] = SECTIONS[name](args)
     report["total_seconds"] = time.perf_counter() - start
-    report["load_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["load_end"] = _load()
+    report["cuts"] = _cuts(report)
     markdown = _markdown(report)
     print(markdown)
     args.out.parent.mkdir(parents=True, exist_ok=True)
