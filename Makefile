@@ -21,10 +21,13 @@ demo: $(VENV)/.installed-examples
 	$(PY) examples/demo.py
 
 # The suite runs in float32 (JAX's default); the resampler tests run again in float64, since
-# users run both. The filter's oracle tests switch float64 on themselves.
+# users run both. The filter's oracle tests switch float64 on themselves. Two pytest-xdist
+# workers (one test file each at a time, so module fixtures are compiled once): most tests are
+# dominated by single-threaded XLA compilation, so two processes use both cores of a CI machine.
+PYTEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q
-	JAX_ENABLE_X64=1 $(PY) -m pytest -q -m "not slow" tests/resampling
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	JAX_ENABLE_X64=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" tests/resampling
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
