@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RESAMPLING_RESULTS = ROOT / "benchmarks" / "results" / "resampling.md"
 SCALING_RESULTS = ROOT / "benchmarks" / "results" / "scaling.md"
+LGSSM_RESULTS = ROOT / "benchmarks" / "results" / "lgssm.md"
 
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 NUMBER = r"(-?\d+(?:\.\d+)?)"
@@ -119,4 +120,27 @@ def test_nuts_numbers_come_from_the_committed_results():
     invented = sorted(quoted - table_cells(results))
     assert not invented, f"numbers not in {SCALING_RESULTS.name}: {invented}"
     total = re.search(r"committed run took (\d+) s", nuts_part).group(1)
+    assert f"total {total} s" in results
+
+
+def test_lgssm_numbers_come_from_the_committed_results():
+    part = section(readme_text(), "LGSSM benchmark (paper protocol, App. I)")
+    results = LGSSM_RESULTS.read_text(encoding="utf-8")
+    rows = [line for line in part.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) > 5
+    committed = {}  # method -> cells of its rows in every table of the file
+    for line in results.splitlines():
+        if line.startswith("| "):
+            committed.setdefault(line.split("|")[1].strip(), set()).update(table_cells(line))
+    for row in rows[1:]:
+        method = row.split("|")[1].strip()
+        assert method in committed, method
+        invented = sorted(table_cells(row) - committed[method])
+        assert not invented, f"{method}: numbers not in {LGSSM_RESULTS.name}: {invented}"
+    prose = part.split("\n|")[0] + part.rsplit("|\n", 1)[-1]
+    quoted = set(re.findall(r"\d+\.\d+(?: ± \d+\.\d+)?", prose))
+    assert quoted, "expected numbers in the prose"
+    missing = sorted(value for value in quoted if value not in results)
+    assert not missing, f"numbers not in {LGSSM_RESULTS.name}: {missing}"
+    total = re.search(r"committed run took\s+(\d+) s", part).group(1)
     assert f"total {total} s" in results
