@@ -1,27 +1,12 @@
 """Smoke test of the linear-Gaussian benchmark script (`--quick`): it runs and reports numbers."""
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lgssm.py"
 PER_RUN_FIELDS = ("rmse", "rmse_subset", "filtering_kl", "gradient_norm", "parameter_error")
 
 
-def test_quick_benchmark_reports_finite_numbers(tmp_path):
-    out = tmp_path / "l.json"
-    # A subprocess: the script turns on float64 globally, which must not leak into other tests.
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    report = json.loads(out.read_text())
-    table = (tmp_path / "l.md").read_text()
+def test_quick_benchmark_reports_finite_numbers(quick_benchmark):
+    report, table = quick_benchmark("lgssm")
     assert table.startswith("# Linear-Gaussian benchmark")
 
     meta = report["meta"]

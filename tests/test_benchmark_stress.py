@@ -1,10 +1,7 @@
 """Smoke test of the stress benchmark (`--quick`): it runs, classifies and reports."""
 
 import importlib.util
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "stress.py"
@@ -32,17 +29,9 @@ def test_outcomes_are_classified():
     assert set(stress.BUGS) < set(stress.OUTCOMES)
 
 
-def test_quick_run_reports_every_case(tmp_path):
-    out = tmp_path / "s.json"
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    report = json.loads(out.read_text())
-    assert (tmp_path / "s.md").read_text().startswith("# Stress test")
+def test_quick_run_reports_every_case(quick_benchmark):
+    report, table = quick_benchmark("stress")
+    assert table.startswith("# Stress test")
     cases = report["config"]["cases"]
     assert len(report["cases"]) == cases > 0
     assert sum(report["summary"]["total"].values()) == cases

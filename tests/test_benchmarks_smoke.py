@@ -1,12 +1,7 @@
 """Smoke tests of the benchmark scripts (`--quick`): they run and report numbers."""
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "resampling.py"
 RESAMPLERS = {
     "diffusion",
     "diffusion_per_particle",
@@ -21,18 +16,9 @@ RESAMPLERS = {
 }
 
 
-def test_quick_benchmark_reports_finite_numbers(tmp_path):
-    out = tmp_path / "r.json"
-    # A subprocess: the script turns on float64 globally, which must not leak into other tests.
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    report = json.loads(out.read_text())
-    assert (tmp_path / "r.md").read_text().startswith("# Resampler benchmark")
+def test_quick_benchmark_reports_finite_numbers(quick_benchmark):
+    report, table = quick_benchmark("resampling")
+    assert table.startswith("# Resampler benchmark")
 
     rows = report["results"]
     assert {row["resampler"] for row in rows} >= RESAMPLERS
@@ -47,21 +33,11 @@ def test_quick_benchmark_reports_finite_numbers(tmp_path):
         assert math.isfinite(ratio["forward_speedup"]) and math.isfinite(ratio["gradient_speedup"])
 
 
-SCALING_SCRIPT = SCRIPT.parent / "scaling.py"
 SCALING_SECTIONS = ("nuts", "gradient", "resampler", "accuracy", "precision")
 
 
-def test_quick_scaling_benchmark_covers_every_section(tmp_path):
-    out = tmp_path / "s.json"
-    completed = subprocess.run(
-        [sys.executable, str(SCALING_SCRIPT), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    report = json.loads(out.read_text())
-    markdown = (tmp_path / "s.md").read_text()
+def test_quick_scaling_benchmark_covers_every_section(quick_benchmark):
+    report, markdown = quick_benchmark("scaling", timeout=600)
     assert markdown.startswith("# Scaling benchmark")
     assert set(SCALING_SECTIONS) <= set(report)
     assert "Claim 'at equal resampled-mean error" in markdown
