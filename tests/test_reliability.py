@@ -295,3 +295,20 @@ def test_factor_is_deterministic_per_seed_and_varies_across_seeds():
     np.testing.assert_array_equal(density(keys[3]), density(keys[3]))
     values = [float(density(k)) for k in keys]
     assert len(set(values)) == 4, values
+
+
+def test_optimal_transport_drops_a_non_finite_implicit_cotangent_whole():
+    from numpyro_diffres.resampling.optimal_transport import _finite_gradient_or_none
+
+    log_weights, particles = jnp.zeros(3), jnp.ones((3, 2))
+
+    def pulled(cotangents):
+        _, vjp = jax.vjp(_finite_gradient_or_none, log_weights, particles)
+        return vjp(cotangents)
+
+    finite = (jnp.arange(3.0), jnp.full((3, 2), 2.0))
+    for got, expected in zip(pulled(finite), finite, strict=True):
+        assert jnp.array_equal(got, expected)
+    poisoned = (jnp.arange(3.0), jnp.full((3, 2), 2.0).at[1, 0].set(jnp.nan))
+    for got in pulled(poisoned):
+        assert jnp.array_equal(got, jnp.zeros_like(got))

@@ -88,6 +88,30 @@ class _FiniteOrZero(lineax.AbstractLinearSolver):
         return self.inner.assume_full_rank()
 
 
+@jax.custom_vjp
+def _finite_gradient_or_none(log_weights: Array, particles: Array) -> tuple[Array, Array]:
+    """Identity whose reverse pass drops the whole cotangent if any entry is not finite.
+
+    Even with `_FiniteOrZero`, the implicit gradient of a nearly degenerate float32 cloud can
+    overflow in the products around the linear solve. Its partial entries would then be
+    NaN or meaningless, so the resampling step contributes no gradient at all (as if its
+    output were a constant), which keeps the filter's gradient finite and defined.
+    """
+    return log_weights, particles
+
+
+def _finite_gradient_or_none_forward(log_weights, particles):
+    return (log_weights, particles), None
+
+
+def _finite_gradient_or_none_backward(_, cotangents):
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(c)) for c in cotangents]))
+    return tuple(jnp.where(finite, c, jnp.zeros_like(c)) for c in cotangents)
+
+
+_finite_gradient_or_none.defvjp(_finite_gradient_or_none_forward, _finite_gradient_or_none_backward)
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimalTransport:
     """Entropy-regularised OT resampling; see `optimal_transport`."""
@@ -102,6 +126,8 @@ class OptimalTransport:
     ) -> tuple[Array, Array, TransportInfo]:
         """Resample and report convergence: `(particles, log_weights, TransportInfo)`."""
         del key  # deterministic given the input
+        if self.implicit_gradient:
+            log_weights, particles = _finite_gradient_or_none(log_weights, particles)
         flat, normalized, event_shape = prepare(log_weights, particles)
         n = flat.shape[0]
         weights = jnp.exp(normalized)
@@ -179,6 +205,9 @@ def optimal_transport(
         max_iterations: Sinkhorn iteration cap.
         implicit_gradient: differentiate the fixed point implicitly (memory $O(N^2)$,
             independent of the iteration count) rather than by unrolling the iterations.
+            Where the implicit gradient of one call is not finite (nearly degenerate weights
+            in float32), that call contributes no gradient; the unrolled gradient
+            (`implicit_gradient=False`) has no such failure.
 
     Raises:
         ValueError: non-positive `epsilon`, `threshold` or `max_iterations`.
