@@ -24,6 +24,7 @@ from numpyro.infer.util import initialize_model
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.primitives import _check_key
+from numpyro_diffres.resampling.base import check_positive
 
 __all__ = ["BlackjaxInfo", "BlackjaxResult", "blackjax_nuts", "to_inference_data"]
 
@@ -103,15 +104,9 @@ def blackjax_nuts(
     _check_key(key, "key")
     if not callable(model):
         raise TypeError(f"model must be a callable NumPyro model, got {model!r}.")
-    for name, value in (
-        ("num_warmup", num_warmup),
-        ("num_samples", num_samples),
-        ("num_chains", num_chains),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be a positive int, got {value!r}.")
-        if value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    check_positive("num_warmup", num_warmup, integer=True)
+    check_positive("num_samples", num_samples, integer=True)
+    check_positive("num_chains", num_chains, integer=True)
     if isinstance(target_accept, bool) or not isinstance(target_accept, (int, float)):
         raise TypeError(f"target_accept must be a number in (0, 1), got {target_accept!r}.")
     if not 0.0 < target_accept < 1.0:
