@@ -47,6 +47,11 @@ class TransportInfo(NamedTuple):
     error: Array
 
 
+def _all_finite(tree) -> Array:
+    """Whether every entry of every array in `tree` is finite (a scalar bool)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
 class _FiniteOrZero(lineax.AbstractLinearSolver):
     """Normal-equations CG for the implicit gradient that never raises.
 
@@ -72,8 +77,7 @@ class _FiniteOrZero(lineax.AbstractLinearSolver):
 
     def compute(self, state, vector, options):
         solution, result, statistics = self.inner.compute(state, vector, options)
-        leaves = jax.tree.leaves(solution)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+        finite = _all_finite(solution)
         usable = finite & (result == lineax.RESULTS.successful)
         solution = jax.tree.map(lambda x: jnp.where(usable, x, jnp.zeros_like(x)), solution)
         return solution, lineax.RESULTS.successful, statistics
@@ -105,7 +109,7 @@ def _finite_gradient_or_none_forward(log_weights, particles):
 
 
 def _finite_gradient_or_none_backward(_, cotangents):
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(c)) for c in cotangents]))
+    finite = _all_finite(cotangents)
     return tuple(jnp.where(finite, c, jnp.zeros_like(c)) for c in cotangents)
 
 
