@@ -17,7 +17,6 @@ NUTS target the same distribution. To use another noise draw, pass an explicit `
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import blackjax
 import jax
 import jax.numpy as jnp
 from numpyro.infer.util import initialize_model
@@ -101,6 +100,10 @@ def blackjax_nuts(
             not an int.
         ValueError: a non-positive count, or `target_accept` outside (0, 1).
     """
+    # Imported here: importing blackjax creates arrays, which starts JAX's backend, and at
+    # package import that would silently defeat a later numpyro.set_host_device_count(...).
+    import blackjax  # noqa: PLC0415
+
     _check_key(key, "key")
     if not callable(model):
         raise TypeError(f"model must be a callable NumPyro model, got {model!r}.")

@@ -1,6 +1,9 @@
 """blackjax NUTS on NumPyro potentials: exact posteriors, NumPyro NUTS, ArviZ, bad input."""
 
 import math
+import os
+import subprocess
+import sys
 
 import arviz as az
 import jax
@@ -206,3 +209,22 @@ def test_non_callable_model_is_a_type_error():
 def test_bad_key_is_a_type_error(key):
     with pytest.raises(TypeError, match="key"):
         ndr.blackjax_nuts(key, conjugate_model, jnp.zeros(3))
+
+
+def test_importing_the_package_leaves_set_host_device_count_effective():
+    # NumPyro users call numpyro.set_host_device_count(n) after their imports, to run chains in
+    # parallel on CPU; it only works while JAX's backend is not started. blackjax starts it at
+    # import, so the package must import blackjax lazily.
+    code = (
+        "import numpyro_diffres, numpyro\n"
+        "numpyro.set_host_device_count(3)\n"
+        "import jax\n"
+        "print(jax.local_device_count())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.split()[-1] == "3"

@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from blackjax.smc import resampling as blackjax_resampling
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.resampling.base import prepare, uniform_log_weights
@@ -33,10 +32,25 @@ def _multinomial(key: PRNGKey, weights: Array, num_samples: int) -> Array:
     return jnp.searchsorted(jnp.cumsum(weights), totals[:-1] / totals[-1])
 
 
+def _blackjax_scheme(name: str) -> Callable[[PRNGKey, Array, int], Array]:
+    """`blackjax.smc.resampling.<name>`, imported on first use.
+
+    Importing blackjax creates JAX arrays, which starts JAX's backend; at package import that
+    would make a later `numpyro.set_host_device_count(...)` silently ineffective.
+    """
+
+    def draw(key: PRNGKey, weights: Array, num_samples: int) -> Array:
+        from blackjax.smc import resampling  # noqa: PLC0415
+
+        return getattr(resampling, name)(key, weights, num_samples)
+
+    return draw
+
+
 _SCHEMES: dict[str, Callable[[PRNGKey, Array, int], Array]] = {
     "multinomial": _multinomial,
-    "systematic": blackjax_resampling.systematic,
-    "stratified": blackjax_resampling.stratified,
+    "systematic": _blackjax_scheme("systematic"),
+    "stratified": _blackjax_scheme("stratified"),
 }
 
 
