@@ -10,12 +10,20 @@ with priors $\mu \sim N(0, 1)$, $(\phi + 1)/2 \sim \mathrm{Beta}(20, 1.5)$,
 $\sigma \sim \mathrm{HalfNormal}(0.5)$ and data simulated at $\mu = -1$, $\phi = 0.95$,
 $\sigma = 0.25$. The likelihood is `particle_factor` with the default diffusion resampler.
 
-Chains run one after another (the same compiled sampler, a fresh key each); after each chain
-the script records its wall time, divergent transitions, draws with a non-finite value and the
-process's peak resident memory (`resource.getrusage(...).ru_maxrss`): flat across chains means
-no memory growth. NumPyro re-traces and re-compiles the sampler on every `MCMC.run`, so each
-chain's time includes a compile and the first chains' peak includes compile caches.
-float32 (JAX's default).
+All chains run in one `MCMC.run` (`chain_method="parallel"`, one XLA host device per chain;
+on a 2-core machine the chains share the cores), so the sampler is traced and compiled once.
+A background thread reads the process's resident memory (`VmRSS`) every 0.2 s for the whole
+run; the report gives it at each tenth of the run's wall time and the peak
+(`ru_maxrss`), so memory that grows with the number of draws shows as a rising row.
+Per chain: divergent transitions, draws with a non-finite value, non-finite potential energies,
+mean leapfrog steps and posterior means. float32 (JAX's default).
+
+Calling `MCMC.run` again on the same object is a different matter: NumPyro builds fresh
+closures on every run, so each run re-traces and re-compiles the sampler, and JAX keeps the
+compiled executables in its caches. The second table measures this: `--repeat-runs` runs of
+one single-chain `MCMC` object (`--repeat-iterations` warm-up and as many draws each), the
+resident memory after each, once keeping JAX's caches and once calling `jax.clear_caches()`
+after every run.
 
 Usage:
     python benchmarks/stability.py                  # 4 chains x (1000 warm-up + 1000 draws)
@@ -24,12 +32,13 @@ Usage:
 
 import argparse
 import datetime
-import functools
+import gc
 import json
 import os
 import platform
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,6 +78,49 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def current_rss_mb():
+    """Current resident set size (`VmRSS`) of this process in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmRSS line in /proc/self/status")
+
+
+class MemoryMonitor:
+    """Samples `current_rss_mb()` every `interval` seconds on a daemon thread."""
+
+    def __init__(self, interval=0.2):
+        self.interval = interval
+        self.samples = []  # (seconds since start, MiB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        start = time.perf_counter()
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter() - start, current_rss_mb()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((self.samples[-1][0] + self.interval, current_rss_mb()))
+
+    def at_fractions(self, fractions):
+        """RSS (MiB) of the last sample at or before each fraction of the monitored time."""
+        times = np.array([t for t, _ in self.samples])
+        values = np.array([m for _, m in self.samples])
+        total = times[-1]
+        index = np.searchsorted(times, np.asarray(fractions) * total, side="right") - 1
+        index = np.maximum(index, 0)
+        return values[index].tolist()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chains", type=int, default=4)
@@ -79,50 +131,57 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="2 chains x 20 + 20, T=15, N=16")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat-runs", type=int, default=7, help="runs of one MCMC object")
+    parser.add_argument(
+        "--repeat-iterations", type=int, default=10, help="warm-up (and draws) per repeated run"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.chains, args.warmup, args.samples = 2, 20, 20
         args.num_steps, args.num_particles = 15, 16
+        args.repeat_runs, args.repeat_iterations = 2, 5
+    # One CPU device per chain, for chain_method="parallel"; must precede JAX's first use.
+    numpyro.set_host_device_count(args.chains)
 
     _, observations = ndr.simulate(
         jax.random.PRNGKey(args.seed), volatility(**TRUE), args.num_steps
     )
-    # Data and N are bound here, not passed to `run`: with arguments, MCMC re-traces and
-    # re-compiles the sampler on every `run`, whose compile caches would look like growth.
-    kernel = NUTS(functools.partial(model, observations, args.num_particles))
     mcmc = MCMC(
-        kernel,
+        NUTS(model),
         num_warmup=args.warmup,
         num_samples=args.samples,
-        num_chains=1,
+        num_chains=args.chains,
+        chain_method="parallel",
         progress_bar=False,
     )
-    start = time.perf_counter()
     load_start = os.getloadavg()
-    rss_start = peak_rss_mb()
-    chains = []
-    for chain in range(args.chains):
-        chain_start = time.perf_counter()
+    rss_start = current_rss_mb()
+    start = time.perf_counter()
+    with MemoryMonitor() as monitor:
         mcmc.run(
-            jax.random.PRNGKey(1000 + chain),
+            jax.random.PRNGKey(1000),
+            observations,
+            args.num_particles,
             extra_fields=("diverging", "num_steps", "potential_energy"),
         )
-        samples = mcmc.get_samples()
-        extra = mcmc.get_extra_fields()
-        values = np.stack([np.asarray(samples[k]) for k in ("mu", "phi", "sigma")], axis=1)
-        energy = np.asarray(extra["potential_energy"])
+        samples = mcmc.get_samples(group_by_chain=True)
+        extra = mcmc.get_extra_fields(group_by_chain=True)
+    seconds = time.perf_counter() - start
+    fractions = [i / 10 for i in range(11)]
+    chains = []
+    for chain in range(args.chains):
+        values = np.stack([np.asarray(samples[k][chain]) for k in ("mu", "phi", "sigma")], axis=1)
+        energy = np.asarray(extra["potential_energy"][chain])
         chains.append(
             {
                 "chain": chain,
-                "seconds": time.perf_counter() - chain_start,
-                "divergences": int(np.sum(extra["diverging"])),
+                "divergences": int(np.sum(extra["diverging"][chain])),
                 "nan_draws": int(np.sum(~np.all(np.isfinite(values), axis=1))),
                 "non_finite_potential": int(np.sum(~np.isfinite(energy))),
-                "mean_leapfrog_steps": float(np.mean(extra["num_steps"])),
+                "mean_leapfrog_steps": float(np.mean(extra["num_steps"][chain])),
                 "posterior_mean": dict(
                     zip(("mu", "phi", "sigma"), np.mean(values, axis=0).tolist(), strict=True)
                 ),
-                "peak_rss_mb": peak_rss_mb(),
             }
         )
         print(json.dumps(chains[-1]), flush=True)
@@ -137,6 +196,7 @@ def main(argv=None):
         "dtype": str(jnp.result_type(float)),
         "config": {
             "chains": args.chains,
+            "chain_method": "parallel",
             "warmup": args.warmup,
             "samples": args.samples,
             "num_steps": args.num_steps,
@@ -147,39 +207,105 @@ def main(argv=None):
         },
         "load_average_start": list(load_start),
         "load_average_end": list(os.getloadavg()),
-        "seconds": time.perf_counter() - start,
-        "peak_rss_mb_before_sampling": rss_start,
+        "seconds": seconds,
+        "rss_mb_before_run": rss_start,
+        "rss_mb_at_tenths": dict(
+            zip([f"{f:.1f}" for f in fractions], monitor.at_fractions(fractions), strict=True)
+        ),
+        "rss_samples": len(monitor.samples),
+        "peak_rss_mb": peak_rss_mb(),
         "chains": chains,
     }
+    print(json.dumps({k: report[k] for k in ("seconds", "rss_mb_at_tenths", "peak_rss_mb")}))
+    report["repeated_runs"] = {
+        mode: repeated_runs(
+            observations,
+            args.num_particles,
+            args.repeat_runs,
+            args.repeat_iterations,
+            clear=mode == "clear_caches",
+        )
+        for mode in ("keep_caches", "clear_caches")
+    }
+    report["config"]["repeat_runs"] = args.repeat_runs
+    report["config"]["repeat_iterations"] = args.repeat_iterations
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     write_markdown(report, args.out.with_suffix(".md"))
     return report
 
 
+def repeated_runs(observations, num_particles, runs, iterations, clear):
+    """Resident memory after each of `runs` calls of `run` on one single-chain `MCMC` object."""
+    mcmc = MCMC(NUTS(model), num_warmup=iterations, num_samples=iterations, progress_bar=False)
+    rows = []
+    for run in range(runs):
+        start = time.perf_counter()
+        mcmc.run(jax.random.PRNGKey(2000 + run), observations, num_particles)
+        jax.block_until_ready(mcmc.get_samples())
+        if clear:
+            jax.clear_caches()
+        gc.collect()
+        rows.append(
+            {"run": run, "seconds": time.perf_counter() - start, "rss_mb": current_rss_mb()}
+        )
+        print(json.dumps({"clear_caches": clear, **rows[-1]}), flush=True)
+    return rows
+
+
 def write_markdown(report, path):
     config = report["config"]
+    tenths = report["rss_mb_at_tenths"]
     lines = [
         "# Stability: NUTS through the diffusion particle factor",
         "",
         f"Run {report['date']} on {report['platform']} ({report['cpus']} CPUs), jax "
         f"{report['jax']}, numpyro {report['numpyro']}, {report['dtype']}; stochastic "
         f"volatility, T={config['num_steps']}, N={config['num_particles']}, "
-        f"{config['chains']} chains x ({config['warmup']} warm-up + {config['samples']} draws), "
-        f"run one after another; total {report['seconds']:.0f} s. Load average at start / end: "
-        f"{report['load_average_start']} / {report['load_average_end']}. Peak RSS before "
-        f"sampling {report['peak_rss_mb_before_sampling']:.0f} MiB.",
+        f"{config['chains']} chains x ({config['warmup']} warm-up + {config['samples']} draws) "
+        f"in one `MCMC.run` (chain_method={config['chain_method']!r}); "
+        f"{report['seconds']:.0f} s. Load average at start / end: "
+        f"{report['load_average_start']} / {report['load_average_end']}.",
         "",
-        "| chain | seconds | divergences | NaN draws | non-finite potential | leapfrog steps "
-        "| mu | phi | sigma | peak RSS MiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| chain | divergences | NaN draws | non-finite potential | leapfrog steps "
+        "| mu | phi | sigma |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in report["chains"]:
         m = c["posterior_mean"]
         lines.append(
-            f"| {c['chain']} | {c['seconds']:.0f} | {c['divergences']} | {c['nan_draws']} | "
+            f"| {c['chain']} | {c['divergences']} | {c['nan_draws']} | "
             f"{c['non_finite_potential']} | {c['mean_leapfrog_steps']:.1f} | {m['mu']:.3f} | "
-            f"{m['phi']:.3f} | {m['sigma']:.3f} | {c['peak_rss_mb']:.0f} |"
+            f"{m['phi']:.3f} | {m['sigma']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Resident memory (VmRSS, MiB, {report['rss_samples']} samples) before the run: "
+        f"{report['rss_mb_before_run']:.0f}; at each tenth of the run's wall time:",
+        "",
+        "| " + " | ".join(tenths) + " |",
+        "|" + "---:|" * len(tenths),
+        "| " + " | ".join(f"{v:.0f}" for v in tenths.values()) + " |",
+        "",
+        f"Peak RSS of the process: {report['peak_rss_mb']:.0f} MiB.",
+        "",
+    ]
+    repeated = report["repeated_runs"]
+    lines += [
+        "## Repeated runs of one MCMC object",
+        "",
+        f"One chain, {config['repeat_iterations']} warm-up + {config['repeat_iterations']} "
+        "draws per run, after the run above in the same process. NumPyro re-traces and "
+        "re-compiles the sampler on every run (hence the seconds); the resident memory (VmRSS) "
+        "after each run, keeping JAX's caches or calling `jax.clear_caches()` after each run:",
+        "",
+        "| run | seconds | RSS MiB | seconds (cleared) | RSS MiB (cleared) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for kept, cleared in zip(repeated["keep_caches"], repeated["clear_caches"], strict=True):
+        lines.append(
+            f"| {kept['run']} | {kept['seconds']:.1f} | {kept['rss_mb']:.0f} | "
+            f"{cleared['seconds']:.1f} | {cleared['rss_mb']:.0f} |"
         )
     lines.append("")
     path.write_text("\n".join(lines))
