@@ -94,7 +94,10 @@ def _block_gradients(queries, outputs, cotangent, keys, bias, scale):
     row = jnp.sum(cotangent * outputs, axis=1, keepdims=True)
     logits_cotangent = weights * (cotangent @ keys.T - row)
     queries_cotangent = scale * (logits_cotangent @ keys)
-    keys_cotangent = weights.T @ cotangent + scale * (logits_cotangent.T @ queries)
+    # Written as (d, B) @ (B, M) products, transposed at the end: `weights.T @ cotangent` made
+    # XLA copy each (B, M) matrix into its transpose first, which at d = 1 cost more than the
+    # products (N = 1024, K = 8: the resampler's gradient took 46.8 ms that way, 18.8 ms this way).
+    keys_cotangent = (cotangent.T @ weights + scale * (queries.T @ logits_cotangent)).T
     bias_cotangent = jnp.sum(logits_cotangent, axis=0)
     return queries_cotangent, keys_cotangent, bias_cotangent
 
