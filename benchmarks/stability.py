@@ -164,8 +164,9 @@ def main(argv=None):
             args.num_particles,
             extra_fields=("diverging", "num_steps", "potential_energy"),
         )
-        samples = mcmc.get_samples(group_by_chain=True)
-        extra = mcmc.get_extra_fields(group_by_chain=True)
+        # MCMC.run returns before the work is done (asynchronous dispatch): wait for the draws.
+        samples = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))
+        extra = jax.block_until_ready(mcmc.get_extra_fields(group_by_chain=True))
     seconds = time.perf_counter() - start
     fractions = [i / 10 for i in range(11)]
     chains = []

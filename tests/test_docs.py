@@ -12,7 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
 MKDOCS = Path(sys.executable).parent / "mkdocs"
-RESULTS = [ROOT / "benchmarks" / "results" / name for name in ("resampling.md", "scaling.md")]
+RESULTS = [
+    ROOT / "benchmarks" / "results" / name
+    for name in ("resampling.md", "scaling.md", "stability.md")
+]
 
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
