@@ -13,7 +13,7 @@ Sections (choose with `--sections`):
   executable, not run), and the measured time where `--max-run-particles` and
   `--max-gradient-call-seconds` allow.
 * `resampler`: the diffusion resampler alone, forward, d = 4, for N up to `--max-resampler-n`,
-  with the attention path it takes (stored matrices or block-wise) and its compiled memory.
+  with the attention's block size and its compiled memory.
 * `accuracy`: resampled-mean error against forward time, diffusion (K in {4, 8, 16}) and
   optimal transport (epsilon in {0.1, 0.2, 0.4, 0.8}) at N in {1024, 4096, 8192}, on the
   conjugate Gaussian example of `benchmarks/resampling.py` (prior $N(0, I_d)$, likelihood
@@ -53,7 +53,6 @@ from numpyro.infer import MCMC, NUTS
 
 import numpyro_diffres as ndr
 from numpyro_diffres.resampling.attention import block_size
-from numpyro_diffres.resampling.diffusion import _STORE_LIMIT
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "scaling.json"
 TRUE = {"phi": 0.8, "q": 0.5, "r": 0.5}
@@ -305,10 +304,9 @@ def resampler_section(args):
             start = time.perf_counter()
             compiled = forward.lower(log_weights, particles).compile()
             compile_seconds = time.perf_counter() - start
-            stored = resampler.num_steps * n * n <= _STORE_LIMIT
             row = {
                 "N": n,
-                "path": "stored" if stored else f"block-wise, {block_size(n, n)} queries",
+                "path": f"block-wise, {block_size(n, n)} queries",
                 "temporary_MiB": compiled.memory_analysis().temp_size_in_bytes / 2**20,
                 "compile_s": compile_seconds,
                 "forward_ms": None,
@@ -602,9 +600,8 @@ def _resampler_markdown(report):
     lines = [
         "## Diffusion resampler alone, forward (d = 4, K = 8, float64)",
         "",
-        "Path: 'stored' keeps the K attention matrices (K N^2 <= "
-        f"{_STORE_LIMIT} entries); above that the attention runs block-wise over queries "
-        "(one block of queries x N keys at a time, forward and backward). The N^2 column "
+        "Path: the attention runs block-wise over queries (one block of queries x N keys at "
+        "a time, forward and backward; one block holds at most 2^22 entries). The N^2 column "
         "extrapolates the previous row's measured time by (N / N')^2: an estimate, shown to "
         "compare with the measurement.",
         "",

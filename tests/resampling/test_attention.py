@@ -65,8 +65,9 @@ def test_values_and_gradients_match_plain_form(block, dropped):
             assert jnp.all(jnp.isfinite(got))
 
 
-def test_diffusion_above_the_store_limit_matches_stored_form(monkeypatch):
-    """The resampler's blockwise path (forced with a tiny limit) gives the plain values."""
+def test_diffusion_matches_the_plain_softmax_form_whole_and_blockwise(monkeypatch):
+    """The resampler (custom-VJP attention, in one block or blocks of 8 queries) gives the
+    values and gradients of the same integrator written with a plain softmax."""
     with jax.enable_x64(True):
         key = jax.random.PRNGKey(0)
         particles = jax.random.normal(jax.random.PRNGKey(1), (48, 2), jnp.float64)
@@ -77,10 +78,16 @@ def test_diffusion_above_the_store_limit_matches_stored_form(monkeypatch):
             output, _ = resampler(key, log_weights, particles)
             return jnp.sum(output**2)
 
-        stored = jax.value_and_grad(loss, (0, 1))(log_weights, particles)
-        monkeypatch.setattr(diffusion_module, "_STORE_LIMIT", 0)
+        def plain_attention(queries, keys, bias, scale, *, block):
+            del block
+            return jax.nn.softmax(bias + scale * (queries @ keys.T), axis=1) @ keys
+
+        whole = jax.value_and_grad(loss, (0, 1))(log_weights, particles)
         monkeypatch.setattr(attention_module, "_BLOCK_ENTRIES", 48 * 8)  # blocks of 8 queries
         assert attention_module.block_size(48, 48) == 8
         blockwise = jax.value_and_grad(loss, (0, 1))(log_weights, particles)
-        for got, want in zip(jax.tree.leaves(blockwise), jax.tree.leaves(stored), strict=True):
-            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+        monkeypatch.setattr(diffusion_module, "attention", plain_attention)
+        plain = jax.value_and_grad(loss, (0, 1))(log_weights, particles)
+        for result in (whole, blockwise):
+            for got, want in zip(jax.tree.leaves(result), jax.tree.leaves(plain), strict=True):
+                np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
