@@ -562,7 +562,7 @@ def paired_kl_lines(report: dict) -> list[str]:
     lines = [
         "",
         f"Filtering KL minus that of {reference['name']}, paired by dataset (same data and "
-        "key; negative = lower KL than diffusion), mean ± s.e.:",
+        "keys; negative = lower KL than diffusion), mean ± s.e.:",
         "",
         "| method | KL difference |",
         "|---|---:|",
