@@ -198,6 +198,8 @@ def main(argv=None):
         "config": {
             "chains": args.chains,
             "chain_method": "parallel",
+            "repeat_runs": args.repeat_runs,
+            "repeat_iterations": args.repeat_iterations,
             "warmup": args.warmup,
             "samples": args.samples,
             "num_steps": args.num_steps,
@@ -228,8 +230,6 @@ def main(argv=None):
         )
         for mode in ("keep_caches", "clear_caches")
     }
-    report["config"]["repeat_runs"] = args.repeat_runs
-    report["config"]["repeat_iterations"] = args.repeat_iterations
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     write_markdown(report, args.out.with_suffix(".md"))
