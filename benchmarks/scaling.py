@@ -18,8 +18,10 @@ Sections (choose with `--sections`):
   optimal transport (epsilon in {0.1, 0.2, 0.4, 0.8}) at N in {1024, 4096, 8192}, on the
   conjugate Gaussian example of `benchmarks/resampling.py` (prior $N(0, I_d)$, likelihood
   $N(y; x, 0.5 I_d)$, exact posterior mean $y / 1.5$), and the comparison at equal error.
-* `precision`: the filter log-likelihood in float32 and float64 with the same key, and over
-  several keys, for the AR(1) model of `nuts` and the linear-Gaussian model of `gradient`.
+* `precision`: the filter log-likelihood and its gradient in float64, float32 (with the same
+  noise, x64 enabled), mixed precision (`dtype=float32` particles, float64 densities) and
+  float32 with x64 disabled, same keys and over several keys, for the AR(1) model of `nuts`
+  and the linear-Gaussian model of `gradient`.
 
 Every time is a median of jit-compiled calls after compilation (a call that takes more than
 2 s is timed once, without a warm-up call). Where a call is predicted (from the largest smaller
@@ -197,18 +199,29 @@ def _gradient_resamplers(args):
     }
 
 
-def _linear_gaussian_log_likelihood(num_particles, num_steps, resampler, dimension=4):
-    """`(key, phi) -> log-likelihood` of a d-dimensional linear-Gaussian model (zero data)."""
+def _linear_gaussian_log_likelihood(num_particles, num_steps, resampler, dimension=4, dtype=None):
+    """`(key, phi) -> log-likelihood` of a d-dimensional linear-Gaussian model (zero data).
+
+    `dtype` is the filter's particle dtype (None: that of `phi`).
+    """
 
     def log_likelihood(key, phi):
         observations = jnp.zeros((num_steps, dimension), jnp.asarray(phi).dtype)
+        # Constants in phi's dtype: NumPyro turns a Python float into a default-precision
+        # array, which with x64 enabled would make a float32 model evaluate in float64.
+        one, half = jnp.asarray(1.0, observations.dtype), jnp.asarray(0.5, observations.dtype)
         model = ndr.StateSpaceModel(
-            initial=dist.Normal(jnp.zeros(dimension, observations.dtype), 1.0).to_event(1),
-            transition=lambda x, t: dist.Normal(phi * x, 1.0).to_event(1),
-            emission=lambda x, t: dist.Normal(x, 0.5).to_event(1),
+            initial=dist.Normal(jnp.zeros(dimension, observations.dtype), one).to_event(1),
+            transition=lambda x, t: dist.Normal(phi * x, one).to_event(1),
+            emission=lambda x, t: dist.Normal(x, half).to_event(1),
         )
         return ndr.particle_filter(
-            key, model, observations, num_particles=num_particles, resampler=resampler
+            key,
+            model,
+            observations,
+            num_particles=num_particles,
+            resampler=resampler,
+            dtype=dtype,
         ).log_likelihood
 
     return log_likelihood
@@ -463,29 +476,49 @@ def _equal_error_comparisons(rows, min_n):
     return comparisons
 
 
+PRECISION_MODES = {
+    # name: (x64 enabled, dtype of parameters and data, filter `dtype`)
+    "float64": (True, "float64", None),
+    "float32, same noise": (True, "float32", "float32"),
+    "mixed: float32 particles, float64 densities": (True, "float64", "float32"),
+    "float32, x64 disabled": (False, "float32", None),
+}
+
+
 def precision_section(args):
-    """Filter log-likelihood in float32 and float64: same key, and spread over keys."""
+    """Filter log-likelihood in float64, float32 and mixed precision: same key, and over keys.
+
+    With x64 enabled every random draw (NumPyro's samplers and the resampler's) is made in
+    float64, and `particle_filter(dtype=float32)` rounds the states: the float32 run then uses
+    the float64 run's noise, so their same-key difference is rounding error alone. With x64
+    disabled float32 draws come from other random bits: that run differs by Monte Carlo noise.
+    """
     observations = _ar1_observations(args.num_time_steps)
     n_ar1, k_ar1 = args.precision_ar1
     n_lg = args.precision_linear_gaussian_particles
 
-    def ar1(dtype):
+    def ar1(dtype, filter_dtype):
         data = jnp.asarray(observations, dtype)
         resampler = ndr.resampling.diffusion(num_steps=k_ar1)
 
-        def log_likelihood(key):
-            model = _ar1(*(jnp.asarray(TRUE[k], dtype) for k in ("phi", "q", "r")))
+        def log_likelihood(key, scale):
+            model = _ar1(scale * TRUE["phi"], *(jnp.asarray(TRUE[k], dtype) for k in ("q", "r")))
             return ndr.particle_filter(
-                key, model, data, num_particles=n_ar1, resampler=resampler
+                key,
+                model,
+                data,
+                num_particles=n_ar1,
+                resampler=resampler,
+                dtype=filter_dtype,
             ).log_likelihood
 
         return log_likelihood
 
-    def linear_gaussian(dtype):
+    def linear_gaussian(dtype, filter_dtype):
         log_likelihood = _linear_gaussian_log_likelihood(
-            n_lg, args.gradient_time_steps, ndr.resampling.diffusion()
+            n_lg, args.gradient_time_steps, ndr.resampling.diffusion(), dtype=filter_dtype
         )
-        return lambda key: log_likelihood(key, jnp.asarray(0.5, dtype))
+        return lambda key, scale: log_likelihood(key, 0.5 * scale)
 
     models = {
         f"AR(1) of `nuts` at the true parameters, T={args.num_time_steps}, N={n_ar1}, "
@@ -495,30 +528,40 @@ def precision_section(args):
     }
     rows = []
     for name, build in models.items():
-        values = {}
-        for dtype in ("float32", "float64"):
-            with jax.enable_x64(dtype == "float64"):
-                function = jax.jit(build(dtype))
-                results = [function(jax.random.PRNGKey(s)) for s in range(args.precision_keys)]
-                assert all(str(r.dtype) == dtype for r in results), (dtype, results[0].dtype)
-                values[dtype] = np.array([float(r) for r in results])
-        single, double = values["float32"], values["float64"]
-        standard_error = math.sqrt((single.var(ddof=1) + double.var(ddof=1)) / len(single))
-        row = {
-            "model": name,
-            "keys": len(single),
-            "float32_key0": float(single[0]),
-            "float64_key0": float(double[0]),
-            "relative_difference_key0": abs(single[0] - double[0]) / abs(double[0]),
-            "float32_mean": float(single.mean()),
-            "float64_mean": float(double.mean()),
-            "float32_sd": float(single.std(ddof=1)),
-            "float64_sd": float(double.std(ddof=1)),
-            "relative_difference_of_means": abs(single.mean() - double.mean()) / abs(double.mean()),
-            "mean_difference_in_standard_errors": (single.mean() - double.mean()) / standard_error,
-        }
-        rows.append(row)
-        print(row, flush=True)
+        values, gradients = {}, {}
+        for mode, (x64, dtype, filter_dtype) in PRECISION_MODES.items():
+            with jax.enable_x64(x64):
+                scale = jnp.asarray(1.0, dtype)
+                function = jax.jit(jax.value_and_grad(build(dtype, filter_dtype), argnums=1))
+                results = [
+                    function(jax.random.PRNGKey(s), scale) for s in range(args.precision_keys)
+                ]
+                assert all(str(r[0].dtype) == dtype for r in results), (mode, results[0])
+                seconds, _ = _time_calls(function, jax.random.PRNGKey(0), scale, repeats=5)
+                values[mode] = np.array([float(r[0]) for r in results])
+                gradients[mode] = np.array([float(r[1]) for r in results])
+                row = {"model": name, "mode": mode, "keys": len(results)}
+                row |= {"value_and_grad_ms": 1e3 * seconds, "load": _load()}
+                rows.append(row)
+        reference, reference_gradient = values["float64"], gradients["float64"]
+        for row in rows[-len(PRECISION_MODES) :]:
+            value, gradient = values[row["mode"]], gradients[row["mode"]]
+            standard_error = math.sqrt((value.var(ddof=1) + reference.var(ddof=1)) / len(value))
+            relative = np.abs(value / reference - 1)
+            gradient_relative = np.abs(gradient / reference_gradient - 1)
+            row |= {
+                "mean": float(value.mean()),
+                "sd": float(value.std(ddof=1)),
+                "max_same_key_relative_difference": float(relative.max()),
+                "median_same_key_relative_difference": float(np.median(relative)),
+                "max_same_key_gradient_relative_difference": float(gradient_relative.max()),
+                "mean_difference_in_standard_errors": (
+                    float((value.mean() - reference.mean()) / standard_error)
+                    if row["mode"] != "float64"
+                    else 0.0
+                ),
+            }
+            print(row, flush=True)
     return rows
 
 
@@ -717,27 +760,32 @@ def _precision_markdown(report):
     lines = [
         "## float32 against float64 log-likelihood",
         "",
-        "The float32 run is a separate trace with x64 disabled (`jax.enable_x64(False)`), "
-        "observations and parameters cast to float32; the float64 run has x64 enabled. The "
-        "same key does not give the same random numbers in both: JAX draws float64 normals "
-        "from 64-bit words and float32 ones from 32-bit words, so the same-key difference "
-        "contains Monte Carlo noise of the filter, not only rounding. The spread over keys "
-        "shows how large that noise is; the last column compares the two dtypes' mean "
-        "estimates in standard errors.",
+        "Each model is run in four ways with the same keys. `float64`: x64 enabled, everything "
+        "in float64 (the reference). `float32, same noise`: x64 enabled, parameters and data "
+        "in float32 and `particle_filter(dtype=jnp.float32)`; every random draw is made in "
+        "float64 and rounded, so this run uses the reference's noise and its difference is "
+        "the rounding error of single precision. `mixed`: float64 parameters and data, "
+        "`dtype=jnp.float32` (states and resampler in float32, densities and weights in "
+        "float64), what a float64 NUTS run can use. `float32, x64 disabled`: how a float32 "
+        "program runs; its draws come from other random bits, so it differs from the "
+        "reference by Monte Carlo noise (compare its mean in standard errors). Relative "
+        "differences are per key against the float64 run, for the log-likelihood and for its "
+        "derivative in a scale of the transition coefficient; `value_and_grad` is timed at "
+        "key 0.",
         "",
-        "| model | keys | key 0: float32 | key 0: float64 | key 0: relative difference | "
-        "SD over keys (f32 / f64) | mean over keys (f32 / f64) | relative difference of "
-        "means | difference in SE |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | run | keys | mean | SD over keys | same key: max (median) relative "
+        "difference | same key: max gradient relative difference | mean difference in SE | "
+        "value_and_grad ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["precision"]:
         lines.append(
-            f"| {row['model']} | {row['keys']} | {row['float32_key0']:.4f} | "
-            f"{row['float64_key0']:.4f} | {row['relative_difference_key0']:.1e} | "
-            f"{row['float32_sd']:.3f} / {row['float64_sd']:.3f} | "
-            f"{row['float32_mean']:.3f} / {row['float64_mean']:.3f} | "
-            f"{row['relative_difference_of_means']:.1e} | "
-            f"{row['mean_difference_in_standard_errors']:+.2f} |"
+            f"| {row['model']} | {row['mode']} | {row['keys']} | {row['mean']:.3f} | "
+            f"{row['sd']:.3f} | {row['max_same_key_relative_difference']:.1e} "
+            f"({row['median_same_key_relative_difference']:.1e}) | "
+            f"{row['max_same_key_gradient_relative_difference']:.1e} | "
+            f"{row['mean_difference_in_standard_errors']:+.2f} | "
+            f"{row['value_and_grad_ms']:.1f} |"
         )
     lines.append("")
     return lines
@@ -757,6 +805,14 @@ def _markdown(report):
         "this run only.",
         "",
     ]
+    for rerun in report.get("reruns", []):
+        lines += [
+            f"Section{'s' if len(rerun['sections']) > 1 else ''} "
+            f"{', '.join(rerun['sections'])} rerun {rerun['date']} ({rerun['seconds']:.0f} s, "
+            f"load {rerun['load_start']} / {rerun['load_end']}) with the code of that date; the "
+            "other sections are from the run above.",
+            "",
+        ]
     if report.get("cuts"):
         lines += ["What this run left out, and why:", ""]
         lines += [f"- {cut}" for cut in report["cuts"]]
@@ -803,6 +859,11 @@ def parse_arguments(argv):
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test sizes")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="rerun only --sections, keeping the other sections of the report in --out",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after a warm-up")
     parser.add_argument("--num-time-steps", type=int, default=30)
     parser.add_argument("--num-warmup", type=int, default=300)
@@ -833,6 +894,8 @@ def parse_arguments(argv):
     parser.add_argument("--precision-ar1", nargs=2, type=int, default=[64, 4], help="N K")
     parser.add_argument("--precision-linear-gaussian-particles", type=int, default=256)
     args = parser.parse_args(argv)
+    if args.update and not args.out.exists():
+        parser.error(f"--update keeps the other sections of {args.out}, which does not exist.")
     args.nuts_settings = NUTS_SETTINGS
     if args.quick:
         args.num_time_steps, args.num_warmup, args.num_samples = 10, 20, 20
@@ -849,18 +912,26 @@ def parse_arguments(argv):
 def main(argv=None):
     args = parse_arguments(argv)
     start = time.perf_counter()
-    report = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "load_start": _load(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out",) and not callable(v)},
-        "section_loads": {},
-    }
+    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    settings = {k: v for k, v in vars(args).items() if k not in ("out",) and not callable(v)}
+    load_start = _load()
+    if args.update:
+        # Keep the other sections of the committed run; record when and how these were rerun.
+        report = json.loads(args.out.read_text())
+    else:
+        report = {"date": date, "platform": platform.platform(), "load_start": load_start}
+        report |= {"settings": settings, "section_loads": {}}
     for name in args.sections:
         report["section_loads"][name] = _load()
         report[name] = SECTIONS[name](args)
-    report["total_seconds"] = time.perf_counter() - start
-    report["load_end"] = _load()
+    if args.update:
+        rerun = {"sections": args.sections, "date": date, "platform": platform.platform()}
+        rerun |= {"seconds": time.perf_counter() - start, "settings": settings}
+        rerun |= {"load_start": load_start, "load_end": _load()}
+        report.setdefault("reruns", []).append(rerun)
+    else:
+        report["total_seconds"] = time.perf_counter() - start
+        report["load_end"] = _load()
     report["cuts"] = _cuts(report)
     markdown = _markdown(report)
     print(markdown)

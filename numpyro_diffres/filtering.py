@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
+from jax.typing import DTypeLike
 from numpyro.distributions import Distribution, constraints
 
 from numpyro_diffres._typing import Array, PRNGKey
@@ -53,6 +54,7 @@ def particle_filter(
     resampler: Resampler | None = None,
     ess_threshold: float = 1.0,
     particle_sharding: jax.sharding.Sharding | None = None,
+    dtype: DTypeLike | None = None,
 ) -> FilterResult:
     """Run a (bootstrap or guided) particle filter and estimate the log-likelihood.
 
@@ -78,13 +80,21 @@ def particle_filter(
             resampler's matrix products) across devices. Random draws do not depend on the
             sharding (JAX's partitionable threefry), so the result equals the one-device result
             to rounding. `num_particles` must be divisible by the number of shards.
+        dtype: optional floating dtype for the particles (and so for the resampler), e.g.
+            `jnp.float32` inside a float64 program: each drawn state is rounded to it, while
+            the weights keep the precision the model's densities give them. Random draws are
+            made at JAX's default precision, so with x64 enabled the same key gives a float32
+            and a float64 run the same noise up to rounding: their difference is the rounding
+            error of single precision alone. Default: the initial distribution's dtype.
 
     Returns:
         A `FilterResult`.
 
     Raises:
-        ValueError: bad `num_particles`, `ess_threshold` or observation shape.
-        TypeError: `resampler` is not callable, or `particle_sharding` is not a `Sharding`.
+        ValueError: bad `num_particles`, `ess_threshold` or observation shape, or a `dtype`
+            for a model whose states are not floating point.
+        TypeError: `resampler` is not callable, `particle_sharding` is not a `Sharding`, or
+            `dtype` is not a floating dtype.
     """
     if isinstance(num_particles, bool) or not isinstance(num_particles, int):
         raise TypeError(f"num_particles must be an int >= 2, got {num_particles!r}.")
@@ -99,6 +109,8 @@ def particle_filter(
             "particle_sharding must be a jax.sharding.Sharding (e.g. a NamedSharding over the "
             f"particle axis) or None; got {particle_sharding!r}."
         )
+    if dtype is not None:
+        dtype = _floating_dtype(dtype)
     resampler = diffusion() if resampler is None else resampler
     if not callable(resampler):
         raise TypeError(
@@ -112,6 +124,11 @@ def particle_filter(
             f"{observations.shape}."
         )
     info = model.check(observations.shape[1:])
+    if dtype is not None and not jnp.issubdtype(info.state_dtype, jnp.floating):
+        raise ValueError(
+            f"dtype={dtype} applies to floating-point states; this model's initial distribution "
+            f"draws {info.state_dtype} states. Leave dtype=None for discrete states."
+        )
     if not info.initial_has_rsample:
         warn_no_rsample("initial")
     if not info.transition_has_rsample and model.proposal is None:
@@ -129,7 +146,7 @@ def particle_filter(
     missing, filled = _missing(observations)
     initial_key, steps_key = jax.random.split(key)
     initial, initial_valid = _guard(model.initial)
-    (particles,) = constrain(initial.sample(initial_key, (n,)))
+    (particles,) = constrain(_cast(initial.sample(initial_key, (n,)), dtype))
     log_likelihood = jax.vmap(lambda x: _log_prob(model.emission(x, jnp.int32(0)), filled[0]))(
         particles
     )
@@ -170,7 +187,7 @@ def particle_filter(
             )
         move_keys = jax.random.split(move_key, n)
         new_particles, log_correction = constrain(
-            *jax.vmap(lambda k, x: _propagate(model, k, x, t, y))(move_keys, particles)
+            *jax.vmap(lambda k, x: _propagate(model, k, x, t, y, dtype))(move_keys, particles)
         )
         log_likelihood = jax.vmap(lambda x: _log_prob(model.emission(x, t), y))(new_particles)
         log_likelihood = jnp.where(y_missing, 0.0, log_likelihood)
@@ -195,6 +212,24 @@ def particle_filter(
     possible = jax.lax.stop_gradient(jnp.all(increments > -jnp.inf))
     increments = jnp.where(possible, increments, jax.lax.stop_gradient(increments))
     return FilterResult(jnp.sum(increments), increments, ess, mean, variance)
+
+
+def _floating_dtype(dtype: DTypeLike) -> jnp.dtype:
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError as error:
+        raise TypeError(
+            f"dtype must be a floating dtype such as jnp.float32, got {dtype!r}."
+        ) from error
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype such as jnp.float32, got {dtype!r}.")
+    # float64 without x64 would silently be float32: say so instead.
+    if jax.dtypes.canonicalize_dtype(resolved) != resolved:
+        raise ValueError(
+            f"dtype={resolved} needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) "
+            "first, or use jnp.float32."
+        )
+    return resolved
 
 
 def _auto_sharding(sharding: jax.sharding.Sharding, num_particles: int) -> jax.sharding.Sharding:
@@ -228,14 +263,16 @@ def _summaries(log_weights: Array, particles: Array) -> tuple[Array, Array, Arra
     return effective_sample_size(log_weights), mean, variance
 
 
-def _propagate(model: StateSpaceModel, key: PRNGKey, x: Array, t: Array, y: Array):
+def _propagate(
+    model: StateSpaceModel, key: PRNGKey, x: Array, t: Array, y: Array, dtype: jnp.dtype | None
+):
     transition, transition_valid = _guard(model.transition(x, t))
     if model.proposal is None:
-        new = transition.sample(key)
+        new = _cast(transition.sample(key), dtype)
         correction = jnp.zeros((), _float_dtype(new))
     else:
         proposal, proposal_valid = _guard(model.proposal(x, t, y))
-        new = proposal.sample(key)
+        new = _cast(proposal.sample(key), dtype)
         correction = _log_prob(transition, new) - _log_prob(proposal, new)
         correction = jnp.where(proposal_valid, correction, -jnp.inf)
     correction = jnp.where(transition_valid, correction, -jnp.inf)
@@ -245,6 +282,10 @@ def _propagate(model: StateSpaceModel, key: PRNGKey, x: Array, t: Array, y: Arra
         new = jnp.where(finite, new, jnp.zeros_like(new))
         correction = jnp.where(finite, correction, -jnp.inf)
     return new, correction
+
+
+def _cast(x: Array, dtype: jnp.dtype | None) -> Array:
+    return x if dtype is None else x.astype(dtype)
 
 
 def _float_dtype(x: Array):

@@ -21,6 +21,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpyro
+from jax.typing import DTypeLike
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.filtering import FilterResult, particle_filter
@@ -69,6 +70,7 @@ def particle_factor(
     ess_threshold: float = 1.0,
     record: bool = False,
     particle_sharding: jax.sharding.Sharding | None = None,
+    dtype: DTypeLike | None = None,
 ) -> FilterResult:
     """Add a particle-filter log-likelihood to the enclosing NumPyro model.
 
@@ -94,6 +96,8 @@ def particle_factor(
             `{name}_ess` as `numpyro.deterministic` sites.
         particle_sharding: optional sharding of the particle axis across devices; see
             `particle_filter`.
+        dtype: optional floating dtype of the particles, e.g. `jnp.float32` to run the filter
+            in single precision while NUTS works in float64; see `particle_filter`.
 
     Returns:
         The `FilterResult`, for further use in the model.
@@ -119,6 +123,7 @@ def particle_factor(
         resampler=resampler,
         ess_threshold=ess_threshold,
         particle_sharding=particle_sharding,
+        dtype=dtype,
     )
     numpyro.factor(name, result.log_likelihood_increments)
     if record:

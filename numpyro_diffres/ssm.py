@@ -71,7 +71,7 @@ class StateSpaceModel:
             observation_shape: shape of one observation $y_t$, if known.
 
         Returns:
-            `ModelInfo` with the state and observation shapes and dtypes and whether the
+            `ModelInfo` with the state and observation shapes, the state dtype and whether the
             transition can be sampled with a reparameterised (pathwise) gradient.
 
         Raises:
@@ -103,6 +103,7 @@ class StateSpaceModel:
             observation_shape=emission_shape,
             transition_has_rsample=bool(transition["has_rsample"]),
             initial_has_rsample=bool(self.initial.has_rsample),
+            state_dtype=state.dtype,
         )
 
 
@@ -114,6 +115,7 @@ class ModelInfo:
     observation_shape: tuple[int, ...]
     transition_has_rsample: bool
     initial_has_rsample: bool
+    state_dtype: Any = None
 
 
 def _sample_dtype(distribution: Distribution) -> Any:

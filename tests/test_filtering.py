@@ -1,5 +1,6 @@
 """The particle filter against exact Kalman likelihoods (float64 throughout this module)."""
 
+import functools
 import math
 
 import jax
@@ -322,3 +323,73 @@ def test_guided_proposal_with_the_optimal_proposal_is_exactly_weighted():
     bootstrap = log_likelihoods(params, observations, 64, resampling.systematic(), 64)
     # A better proposal must lower the variance of the estimate.
     assert estimates.std() < np.asarray(bootstrap).std()
+
+
+# --- single-precision particles --------------------------------------------------------------
+
+
+def cast_params(params, dtype):
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+
+
+@pytest.fixture(scope="module")
+def precision_problem():
+    with jax.enable_x64(True):
+        params = vector_params()
+        observations = data(params, num_steps=20)
+
+        @functools.partial(jax.jit, static_argnums=2)
+        def value_and_grad(scale, key, single):
+            def log_likelihood(scale):
+                dtype = jnp.float32 if single else jnp.float64
+                # float32 single runs: parameters and data in float32 too, so every density is
+                # evaluated in single precision; the states are rounded by `dtype`.
+                scaled = cast_params(
+                    params._replace(transition_matrix=scale * params.transition_matrix), dtype
+                )
+                return ndr.particle_filter(
+                    key,
+                    ndr.linear_gaussian(scaled),
+                    observations.astype(dtype),
+                    num_particles=32,
+                    resampler=resampling.diffusion(num_steps=4),
+                    dtype=dtype,
+                ).log_likelihood.astype(jnp.float64)
+
+            return jax.value_and_grad(log_likelihood)(scale)
+
+        yield params, observations, value_and_grad
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_float32_particles_give_the_float64_likelihood_with_the_same_key(precision_problem, seed):
+    # With x64 enabled, every random draw is made in float64 and rounded, so the float32 run
+    # differs from the float64 run by rounding error only (Monte Carlo noise alone is about
+    # 1e-2 relative here: see `test_float32_differs_by_monte_carlo_noise_across_keys`).
+    _, _, value_and_grad = precision_problem
+    key = jax.random.PRNGKey(seed)
+    single, single_grad = value_and_grad(jnp.asarray(1.0), key, True)
+    double, double_grad = value_and_grad(jnp.asarray(1.0), key, False)
+    assert abs(float(single) / float(double) - 1) < 1e-5
+    np.testing.assert_allclose(float(single_grad), float(double_grad), rtol=1e-3)
+
+
+def test_float32_differs_by_monte_carlo_noise_across_keys(precision_problem):
+    # The check above would be empty if the likelihood did not depend on the key.
+    _, _, value_and_grad = precision_problem
+    first = float(value_and_grad(jnp.asarray(1.0), jax.random.PRNGKey(0), False)[0])
+    second = float(value_and_grad(jnp.asarray(1.0), jax.random.PRNGKey(1), False)[0])
+    assert abs(first / second - 1) > 1e-4
+
+
+def test_float32_particles_with_float64_parameters_keep_float64_weights(precision_problem):
+    # Mixed precision: states (and the resampler) in float32, densities in float64.
+    params, observations, _ = precision_problem
+    model = ndr.linear_gaussian(params)
+    key = jax.random.PRNGKey(0)
+    mixed = ndr.particle_filter(key, model, observations, num_particles=16, dtype=jnp.float32)
+    double = ndr.particle_filter(key, model, observations, num_particles=16)
+    assert mixed.filtered_mean.dtype == jnp.float64
+    assert mixed.log_likelihood.dtype == jnp.float64
+    assert mixed.log_likelihood != double.log_likelihood
+    assert abs(float(mixed.log_likelihood) / float(double.log_likelihood) - 1) < 1e-5

@@ -188,3 +188,30 @@ def test_multivariate_state_and_observation():
     result = run(model, observations=observations)
     assert result.filtered_mean.shape == (10, 3)
     assert jnp.isfinite(result.log_likelihood)
+
+
+@pytest.mark.parametrize("dtype", ["int32", jnp.int32, "banana", 3])
+def test_dtype_must_be_floating(dtype):
+    with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+        run(ar1(), dtype=dtype)
+
+
+def test_float64_dtype_without_x64_is_refused():
+    with jax.enable_x64(False), pytest.raises(ValueError, match="jax_enable_x64"):
+        run(ar1(), dtype=jnp.float64)
+
+
+def test_dtype_for_discrete_states_is_refused():
+    model = ndr.StateSpaceModel(
+        dist.Poisson(3.0),
+        lambda x, t: dist.Poisson(x + 1.0),
+        lambda x, t: dist.Normal(x, 1.0),
+    )
+    with pytest.raises(ValueError, match="floating-point states"):
+        run(model, resampler=resampling.systematic(), dtype=jnp.float32)
+
+
+def test_float32_dtype_is_carried_through():
+    result = run(ar1(), dtype="float32")
+    assert result.filtered_mean.dtype == jnp.float32
+    assert jnp.isfinite(result.log_likelihood)

@@ -538,3 +538,39 @@ def test_index_resampling_surface_is_rough_along_phi(observations):
     assert roughness["diffusion"] < 3 * roughness["exact"], roughness
     assert roughness["stop_gradient"] > 10 * roughness["exact"], roughness
     assert roughness["stop_gradient"] > 10 * roughness["diffusion"], roughness
+
+
+def test_particle_factor_passes_dtype_to_the_filter(observations):
+    key = jax.random.PRNGKey(3)
+    params = {"phi": 0.7, "log_q": -0.5, "log_r": -0.2}
+
+    def model(dtype):
+        result = ndr.particle_factor(
+            "y",
+            ndr.linear_gaussian(lg_params(*priors())),
+            observations,
+            num_particles=16,
+            key=key,
+            dtype=dtype,
+        )
+        return result.filtered_mean.dtype
+
+    with jax.enable_x64(True):
+        trace = handlers.trace(handlers.substitute(model, data=params)).get_trace(jnp.float32)
+        expected = ndr.particle_filter(
+            key,
+            ndr.linear_gaussian(lg_params(*(jnp.asarray(params[n]) for n in NAMES))),
+            observations,
+            num_particles=16,
+            dtype=jnp.float32,
+        )
+        double = ndr.particle_filter(
+            key,
+            ndr.linear_gaussian(lg_params(*(jnp.asarray(params[n]) for n in NAMES))),
+            observations,
+            num_particles=16,
+        )
+    factor = trace["y"]["fn"].log_factor
+    np.testing.assert_allclose(factor, expected.log_likelihood_increments, rtol=1e-12)
+    # The float32 states really are rounded: not bit-equal to the float64 run.
+    assert not np.array_equal(np.asarray(factor), np.asarray(double.log_likelihood_increments))

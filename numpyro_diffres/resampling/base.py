@@ -15,6 +15,7 @@ __all__ = [
     "Resampler",
     "check_positive",
     "prepare",
+    "standard_draw",
     "uniform_log_weights",
     "whitening_scale",
 ]
@@ -45,6 +46,16 @@ class PreparedInput(NamedTuple):
     particles: Array
     log_weights: Array
     event_shape: tuple[int, ...]
+
+
+def standard_draw(sampler, key: PRNGKey, shape: tuple[int, ...], dtype) -> Array:
+    """`sampler(key, shape)` drawn at JAX's default float precision, rounded to `dtype`.
+
+    With x64 enabled a float32 and a float64 call with the same key then use the same numbers
+    (up to rounding), so the two precisions can be compared without Monte Carlo noise. With
+    x64 disabled the default precision is float32 and this is the plain float32 draw.
+    """
+    return sampler(key, shape).astype(dtype)
 
 
 def check_positive(name: str, value: float, *, integer: bool = False) -> None:

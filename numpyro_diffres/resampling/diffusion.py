@@ -36,6 +36,7 @@ from numpyro_diffres.resampling.attention import attention, block_size
 from numpyro_diffres.resampling.base import (
     check_positive,
     prepare,
+    standard_draw,
     uniform_log_weights,
     whitening_scale,
 )
@@ -98,8 +99,12 @@ class Diffusion:
             drift, noise_scale = self.rate * delta, math.sqrt(2.0 * self.rate * delta)
 
         init_key, noise_key = jax.random.split(key)
-        z = jax.random.normal(init_key, (n, d), dtype)
-        noise = None if self.ode else jax.random.normal(noise_key, (self.num_steps, n, d), dtype)
+        z = standard_draw(jax.random.normal, init_key, (n, d), dtype)
+        noise = (
+            None
+            if self.ode
+            else standard_draw(jax.random.normal, noise_key, (self.num_steps, n, d), dtype)
+        )
 
         # The attention's own reverse pass recomputes each softmax (block by block over the
         # queries, memory O(B N)) instead of storing K N x N matrices: it is also faster than

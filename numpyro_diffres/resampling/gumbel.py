@@ -10,7 +10,12 @@ import dataclasses
 import jax
 
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.resampling.base import check_positive, prepare, uniform_log_weights
+from numpyro_diffres.resampling.base import (
+    check_positive,
+    prepare,
+    standard_draw,
+    uniform_log_weights,
+)
 
 __all__ = ["GumbelSoftmax", "gumbel_softmax"]
 
@@ -25,7 +30,7 @@ class GumbelSoftmax:
         """Resample; returns `(particles, log_weights)` with uniform log-weights."""
         flat, normalized, event_shape = prepare(log_weights, particles)
         n = flat.shape[0]
-        gumbel = jax.random.gumbel(key, (n, n), flat.dtype)
+        gumbel = standard_draw(jax.random.gumbel, key, (n, n), flat.dtype)
         mixing = jax.nn.softmax((normalized[None, :] + gumbel) / self.tau, axis=1)
         return (mixing @ flat).reshape(n, *event_shape), uniform_log_weights(n, flat.dtype)
 
