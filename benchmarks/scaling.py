@@ -537,9 +537,10 @@ def precision_section(args):
                     function(jax.random.PRNGKey(s), scale) for s in range(args.precision_keys)
                 ]
                 assert all(str(r[0].dtype) == dtype for r in results), (mode, results[0])
-                seconds, _ = _time_calls(function, jax.random.PRNGKey(0), scale, repeats=5)
+                # Wait for every queued call before timing (dispatch is asynchronous).
                 values[mode] = np.array([float(r[0]) for r in results])
                 gradients[mode] = np.array([float(r[1]) for r in results])
+                seconds, _ = _time_calls(function, jax.random.PRNGKey(0), scale, repeats=5)
                 row = {"model": name, "mode": mode, "keys": len(results)}
                 row |= {"value_and_grad_ms": 1e3 * seconds, "load": _load()}
                 rows.append(row)
