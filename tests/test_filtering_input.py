@@ -101,12 +101,16 @@ def test_simulate_num_steps(num_steps):
         ndr.simulate(KEY, ar1(), num_steps)
 
 
-def test_non_reparameterisable_transition_warns():
-    model = ndr.StateSpaceModel(
+def poisson_states():
+    return ndr.StateSpaceModel(
         dist.Poisson(3.0),
         lambda x, t: dist.Poisson(x + 1.0),
         lambda x, t: dist.Normal(x, 1.0),
     )
+
+
+def test_non_reparameterisable_transition_warns():
+    model = poisson_states()
     with pytest.warns(UserWarning, match="no reparameterised sampler"):
         result = run(model, resampler=resampling.systematic())
     assert jnp.isfinite(result.log_likelihood)
@@ -202,11 +206,7 @@ def test_float64_dtype_without_x64_is_refused():
 
 
 def test_dtype_for_discrete_states_is_refused():
-    model = ndr.StateSpaceModel(
-        dist.Poisson(3.0),
-        lambda x, t: dist.Poisson(x + 1.0),
-        lambda x, t: dist.Normal(x, 1.0),
-    )
+    model = poisson_states()
     with pytest.raises(ValueError, match="floating-point states"):
         run(model, resampler=resampling.systematic(), dtype=jnp.float32)
 
