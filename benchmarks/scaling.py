@@ -6,7 +6,9 @@ Sections (choose with `--sections`):
   with the diffusion particle-filter likelihood at several (N, K, dtype) settings, next to NUTS
   on the exact Kalman likelihood: wall time up to `get_samples()`, posterior means and SDs
   against the exact posterior (in exact-posterior SDs), divergences, and whether the setting
-  meets the target (under 60 s, means within 0.3 exact SD, SDs within 30%).
+  meets the target (under 60 s, means within 0.3 exact SD, SDs within 30%). A "mixed"
+  setting runs NUTS in float64 with the filter's particles in float32. `--nuts-settings
+  64,8,mixed --update` reruns only the named rows into the committed report.
 * `gradient`: `value_and_grad` of the filter log-likelihood on a linear-Gaussian model with
   d = 4, T = 100, for diffusion, optimal-transport and stop-gradient(systematic) resampling:
   XLA's compiled temporary memory for N in {256, ..., 16384} (read from the compiled
@@ -58,13 +60,18 @@ from numpyro_diffres.resampling.attention import block_size
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "scaling.json"
 TRUE = {"phi": 0.8, "q": 0.5, "r": 0.5}
+# (N, K, precision): "float64" and "float32" set JAX's x64 mode; "mixed" is a float64 program
+# (x64 enabled, float64 parameters and NUTS) whose filter particles are float32
+# (`particle_factor(dtype=jnp.float32)`).
 NUTS_SETTINGS = [
     (256, 8, "float64"),
     (128, 8, "float64"),
     (64, 8, "float64"),
+    (64, 8, "mixed"),
     (128, 4, "float32"),
     (64, 4, "float32"),
 ]
+NUTS_PRECISIONS = ("float64", "float32", "mixed")
 # The NUTS target: under this many seconds, posterior means within MEAN_TOLERANCE exact
 # posterior SDs of the exact ones and SDs within SD_TOLERANCE (relative) of the exact ones.
 TARGET_SECONDS = 60.0
@@ -89,7 +96,7 @@ def _priors():
     return phi, q, r
 
 
-def _particle_model(observations, num_particles, num_steps):
+def _particle_model(observations, num_particles, num_steps, particle_dtype=None):
     phi, q, r = _priors()
     ndr.particle_factor(
         "y",
@@ -97,6 +104,7 @@ def _particle_model(observations, num_particles, num_steps):
         observations,
         num_particles=num_particles,
         resampler=ndr.resampling.diffusion(num_steps=num_steps),
+        dtype=particle_dtype,
     )
 
 
@@ -157,14 +165,21 @@ def nuts_section(args):
     )
     print(f"exact: {seconds:.1f} s", flush=True)
     for num_particles, num_steps, dtype in args.nuts_settings:
-        with jax.enable_x64(dtype == "float64"):
-            data = jnp.asarray(observations, dtype)
+        mixed = dtype == "mixed"
+        with jax.enable_x64(dtype != "float32"):
+            data = jnp.asarray(observations, "float64" if mixed else dtype)
             samples, seconds, divergent, leapfrog = _run_nuts(
-                _particle_model, data, args, num_particles=num_particles, num_steps=num_steps
+                _particle_model,
+                data,
+                args,
+                num_particles=num_particles,
+                num_steps=num_steps,
+                particle_dtype=jnp.float32 if mixed else None,
             )
             sample_dtype = str(samples["phi"].dtype)
+        label = "float64, float32 particles" if mixed else dtype
         row = {
-            "likelihood": f"diffusion N={num_particles} K={num_steps} {dtype}",
+            "likelihood": f"diffusion N={num_particles} K={num_steps} {label}",
             "num_particles": num_particles,
             "num_steps": num_steps,
             "dtype": dtype,
@@ -566,6 +581,13 @@ def precision_section(args):
     return rows
 
 
+def _merge_rows(old_rows, new_rows, date):
+    """`old_rows` with the rows of the same likelihood replaced by `new_rows` (dated)."""
+    new = {row["likelihood"]: row | {"date": date} for row in new_rows}
+    merged = [new.pop(row["likelihood"], row) for row in old_rows]
+    return merged + list(new.values())
+
+
 def _cell(value, spec):
     return "-" if value is None else format(value, spec)
 
@@ -809,9 +831,17 @@ def _markdown(report):
     for rerun in report.get("reruns", []):
         lines += [
             f"Section{'s' if len(rerun['sections']) > 1 else ''} "
-            f"{', '.join(rerun['sections'])} rerun {rerun['date']} ({rerun['seconds']:.0f} s, "
+            f"{', '.join(rerun['sections'])}"
+            + (
+                f" (NUTS rows {', '.join(rerun['nuts_rows'])}; NUTS on the exact likelihood "
+                f"took {rerun['exact_seconds']:.1f} s in that run)"
+                if rerun.get("nuts_rows")
+                else ""
+            )
+            + f" rerun {rerun['date']} ({rerun['seconds']:.0f} s, "
             f"load {rerun['load_start']} / {rerun['load_end']}) with the code of that date; the "
-            "other sections are from the run above.",
+            f"other {'rows and ' if rerun.get('nuts_rows') else ''}sections are from the run "
+            "above.",
             "",
         ]
     if report.get("cuts"):
@@ -855,6 +885,16 @@ SECTIONS = {
 }
 
 
+def _nuts_setting(text, parser):
+    """`"N,K,PRECISION"` -> `(N, K, PRECISION)`, or a usage error saying what is wrong."""
+    parts = text.split(",")
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+        parser.error(f"--nuts-settings takes N,K,PRECISION such as 64,8,mixed; got {text!r}.")
+    if parts[2] not in NUTS_PRECISIONS:
+        parser.error(f"--nuts-settings precision must be one of {NUTS_PRECISIONS}; got {text!r}.")
+    return int(parts[0]), int(parts[1]), parts[2]
+
+
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
@@ -866,6 +906,15 @@ def parse_arguments(argv):
         help="rerun only --sections, keeping the other sections of the report in --out",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after a warm-up")
+    parser.add_argument(
+        "--nuts-settings",
+        dest="nuts_setting_text",
+        nargs="+",
+        default=None,
+        metavar="N,K,PRECISION",
+        help=f"NUTS settings to run, PRECISION one of {NUTS_PRECISIONS}; with --update only "
+        "these rows (and the exact one) are replaced",
+    )
     parser.add_argument("--num-time-steps", type=int, default=30)
     parser.add_argument("--num-warmup", type=int, default=300)
     parser.add_argument("--num-samples", type=int, default=400)
@@ -898,9 +947,12 @@ def parse_arguments(argv):
     if args.update and not args.out.exists():
         parser.error(f"--update keeps the other sections of {args.out}, which does not exist.")
     args.nuts_settings = NUTS_SETTINGS
+    if args.nuts_setting_text:
+        args.nuts_settings = [_nuts_setting(text, parser) for text in args.nuts_setting_text]
     if args.quick:
         args.num_time_steps, args.num_warmup, args.num_samples = 10, 20, 20
-        args.nuts_settings = [(16, 4, "float32")]
+        quick_nuts = [(16, 4, "float32"), (16, 4, "mixed")]
+        args.nuts_settings = args.nuts_settings if args.nuts_setting_text else quick_nuts
         args.gradient_time_steps, args.gradient_sizes, args.max_run_particles = 5, [64, 256], 64
         args.resampler_sizes, args.max_resampler_n = [64, 256, 1024], 256
         args.accuracy_sizes, args.accuracy_num_steps = [64, 128], [2, 4]
@@ -919,14 +971,31 @@ def main(argv=None):
     if args.update:
         # Keep the other sections of the committed run; record when and how these were rerun.
         report = json.loads(args.out.read_text())
+        if "nuts" in args.sections and args.nuts_setting_text:
+            for name in ("num_time_steps", "num_warmup", "num_samples"):
+                if report["settings"][name] != getattr(args, name):
+                    raise SystemExit(
+                        f"--update of NUTS rows needs the report's {name}="
+                        f"{report['settings'][name]} (got {getattr(args, name)}): rows of "
+                        "one table must share their settings."
+                    )
     else:
         report = {"date": date, "platform": platform.platform(), "load_start": load_start}
         report |= {"settings": settings, "section_loads": {}}
     for name in args.sections:
         report["section_loads"][name] = _load()
-        report[name] = SECTIONS[name](args)
+        rows = SECTIONS[name](args)
+        if args.update and name == "nuts" and args.nuts_setting_text:
+            # Only the named settings were rerun: they replace their rows. The exact row stays
+            # (the exact posterior is the same draw for the same seed; its time is noted).
+            exact_seconds = rows[0]["seconds"]
+            rows = _merge_rows(report["nuts"], rows[1:], date)
+        report[name] = rows
     if args.update:
         rerun = {"sections": args.sections, "date": date, "platform": platform.platform()}
+        if args.nuts_setting_text and "nuts" in args.sections:
+            rerun["nuts_rows"] = [f"N={n} K={k} {p}" for n, k, p in args.nuts_settings]
+            rerun["exact_seconds"] = exact_seconds
         rerun |= {"seconds": time.perf_counter() - start, "settings": settings}
         rerun |= {"load_start": load_start, "load_end": _load()}
         report.setdefault("reruns", []).append(rerun)

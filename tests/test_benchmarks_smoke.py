@@ -46,6 +46,10 @@ def test_quick_scaling_benchmark_covers_every_section(quick_benchmark):
         return math.isfinite(value) and value > 0
 
     assert all(positive(row["seconds"]) for row in report["nuts"])
+    assert {row.get("dtype") for row in report["nuts"][1:]} == {"float32", "mixed"}
+    mixed = next(row for row in report["nuts"] if row.get("dtype") == "mixed")
+    # float64 NUTS over a filter with float32 particles.
+    assert mixed["sample_dtype"] == "float64"
     gradient = report["gradient"]
     assert {row["method"] for row in gradient} == {
         "diffusion",
