@@ -913,7 +913,7 @@ def parse_arguments(argv):
         default=None,
         metavar="N,K,PRECISION",
         help=f"NUTS settings to run, PRECISION one of {NUTS_PRECISIONS}; with --update only "
-        "these rows (and the exact one) are replaced",
+        "these rows are replaced (the exact row is kept)",
     )
     parser.add_argument("--num-time-steps", type=int, default=30)
     parser.add_argument("--num-warmup", type=int, default=300)
@@ -968,10 +968,12 @@ def main(argv=None):
     date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     settings = {k: v for k, v in vars(args).items() if k not in ("out",) and not callable(v)}
     load_start = _load()
+    # Rerunning named NUTS settings into a committed report replaces only their rows.
+    merge_nuts = args.update and "nuts" in args.sections and bool(args.nuts_setting_text)
     if args.update:
         # Keep the other sections of the committed run; record when and how these were rerun.
         report = json.loads(args.out.read_text())
-        if "nuts" in args.sections and args.nuts_setting_text:
+        if merge_nuts:
             for name in ("num_time_steps", "num_warmup", "num_samples"):
                 if report["settings"][name] != getattr(args, name):
                     raise SystemExit(
@@ -985,7 +987,7 @@ def main(argv=None):
     for name in args.sections:
         report["section_loads"][name] = _load()
         rows = SECTIONS[name](args)
-        if args.update and name == "nuts" and args.nuts_setting_text:
+        if merge_nuts and name == "nuts":
             # Only the named settings were rerun: they replace their rows. The exact row stays
             # (the exact posterior is the same draw for the same seed; its time is noted).
             exact_seconds = rows[0]["seconds"]
@@ -993,7 +995,7 @@ def main(argv=None):
         report[name] = rows
     if args.update:
         rerun = {"sections": args.sections, "date": date, "platform": platform.platform()}
-        if args.nuts_setting_text and "nuts" in args.sections:
+        if merge_nuts:
             rerun["nuts_rows"] = [f"N={n} K={k} {p}" for n, k, p in args.nuts_settings]
             rerun["exact_seconds"] = exact_seconds
         rerun |= {"seconds": time.perf_counter() - start, "settings": settings}

@@ -217,11 +217,9 @@ def particle_filter(
 def _floating_dtype(dtype: DTypeLike) -> jnp.dtype:
     try:
         resolved = jnp.dtype(dtype)
-    except TypeError as error:
-        raise TypeError(
-            f"dtype must be a floating dtype such as jnp.float32, got {dtype!r}."
-        ) from error
-    if not jnp.issubdtype(resolved, jnp.floating):
+    except TypeError:
+        resolved = None
+    if resolved is None or not jnp.issubdtype(resolved, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype such as jnp.float32, got {dtype!r}.")
     # float64 without x64 would silently be float32: say so instead.
     if jax.dtypes.canonicalize_dtype(resolved) != resolved:

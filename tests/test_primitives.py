@@ -557,19 +557,11 @@ def test_particle_factor_passes_dtype_to_the_filter(observations):
 
     with jax.enable_x64(True):
         trace = handlers.trace(handlers.substitute(model, data=params)).get_trace(jnp.float32)
+        direct = ndr.linear_gaussian(lg_params(*(jnp.asarray(params[n]) for n in NAMES)))
         expected = ndr.particle_filter(
-            key,
-            ndr.linear_gaussian(lg_params(*(jnp.asarray(params[n]) for n in NAMES))),
-            observations,
-            num_particles=16,
-            dtype=jnp.float32,
+            key, direct, observations, num_particles=16, dtype=jnp.float32
         )
-        double = ndr.particle_filter(
-            key,
-            ndr.linear_gaussian(lg_params(*(jnp.asarray(params[n]) for n in NAMES))),
-            observations,
-            num_particles=16,
-        )
+        double = ndr.particle_filter(key, direct, observations, num_particles=16)
     factor = trace["y"]["fn"].log_factor
     np.testing.assert_allclose(factor, expected.log_likelihood_increments, rtol=1e-12)
     # The float32 states really are rounded: not bit-equal to the float64 run.
