@@ -211,7 +211,12 @@ def test_dtype_for_discrete_states_is_refused():
         run(model, resampler=resampling.systematic(), dtype=jnp.float32)
 
 
-def test_float32_dtype_is_carried_through():
-    result = run(ar1(), dtype="float32")
-    assert result.filtered_mean.dtype == jnp.float32
-    assert jnp.isfinite(result.log_likelihood)
+def test_dtype_given_as_a_string_rounds_the_states():
+    with jax.enable_x64(True):
+        observations = jnp.asarray(OBSERVATIONS, jnp.float64)
+        by_name = float(run(ar1(), observations, dtype="float32").log_likelihood)
+        by_type = float(run(ar1(), observations, dtype=jnp.float32).log_likelihood)
+        double = float(run(ar1(), observations).log_likelihood)
+    assert by_name == by_type
+    # The states really were rounded to float32: not bit-equal to the float64 filter.
+    assert by_name != double and abs(by_name / double - 1) < 1e-5
