@@ -44,7 +44,7 @@ from numpyro_diffres.resampling.base import (
 __all__ = ["Diffusion", "diffusion"]
 
 _INTEGRATORS = ("exponential", "euler")
-_COVARIANCES = ("diagonal", "full")
+_COVARIANCES = ("auto", "diagonal", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Diffusion:
         # A relative floor keeps scale-free behaviour; the absolute floor sqrt(tiny) only
         # matters for a collapsed cloud, which then maps to its single point without NaN.
         scale = whitening_scale(weights, centered, self.jitter)
-        if self.covariance == "diagonal":
+        if self.covariance == "diagonal" or (self.covariance == "auto" and flat.shape[1] == 1):
             return centered / scale, lambda z: mean + z * scale
         standardized = centered / scale
         correlation = (standardized * weights[:, None]).T @ standardized
@@ -129,12 +129,13 @@ class Diffusion:
 
 
 def diffusion(
+    *,
     num_steps: int = 8,
     time: float = 1.0,
     rate: float = 1.0,
     integrator: str = "exponential",
     ode: bool = True,
-    covariance: str = "diagonal",
+    covariance: str = "auto",
     jitter: float = 1e-6,
 ) -> Diffusion:
     """Diffusion resampling (the package default).
@@ -146,8 +147,14 @@ def diffusion(
         rate: OU rate $\\lambda$ (the paper's $a = -\\lambda$; default 1).
         integrator: `"exponential"` (Jentzen-Kloeden, best in the paper) or `"euler"`.
         ode: integrate the probability-flow ODE (True, smoother gradients) or the reverse SDE.
-        covariance: `"diagonal"` whitening by per-coordinate standard deviations, or `"full"`
-            whitening by a Cholesky factor (better for strongly correlated states).
+        covariance: `"full"` whitening by a Cholesky factor of the weighted covariance,
+            `"diagonal"` whitening by per-coordinate standard deviations, or `"auto"` (default):
+            full for states with more than one coordinate, diagonal (the same map, cheaper)
+            for one. The reverse integration starts from $N(0, I)$; after diagonal whitening
+            the cloud at the horizon still carries a share $e^{-2\lambda T_h}$ of its
+            correlations, which the output then loses whatever $N$ (a biased gradient for
+            correlated states: see `benchmarks/results/gradients.md`). Full whitening makes
+            the cloud's covariance exactly $I$.
         jitter: relative variance floor added when whitening.
 
     Returns:
