@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "demo.py"
 
 
 def test_demo_runs_and_saves_figures(tmp_path):

@@ -3,7 +3,7 @@
 Defined behaviour (numpyro_diffres.filtering): an observation or parameter that makes every
 particle impossible gives a log-likelihood of $-\\infty$ with a gradient of exactly zero, never
 NaN; invalid *concrete* parameters under NumPyro's validation raise NumPyro's own error.
-tests/test_filtering_input.py covers zero/negative Normal scales in the transition and the
+tests/filtering/test_filtering_input.py covers zero/negative Normal scales in the transition and the
 emission, NaN observations and a bounded emission in `particle_filter`; this file covers the
 rest: infinite and huge observations, the initial distribution, non-Gaussian families at and
 beyond their support, overflowing and underflowing parameters, the same through

@@ -4,7 +4,7 @@ import importlib.util
 import math
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "stress.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "stress.py"
 
 
 def _load():

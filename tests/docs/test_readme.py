@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 RESAMPLING_RESULTS = ROOT / "benchmarks" / "results" / "resampling.md"
 SCALING_RESULTS = ROOT / "benchmarks" / "results" / "scaling.md"
