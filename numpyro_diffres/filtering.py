@@ -1,4 +1,9 @@
-"""The particle filter: a `lax.scan` over time in log space.
+"""The particle filter, built from two pure blocks and a scan.
+
+`init` weights the first cloud, `step` resamples, moves and weights it once; both return
+`(FilterState, FilterInfo)`, in the style of blackjax kernels. `particle_filter` is the scan
+over them plus the policy for an impossible step. Smoothing, forecasting and the NumPyro
+handlers build on the same blocks.
 
 Per step $t$ the log-likelihood increment is
 $\\log \\sum_i \\exp(\\bar l_{t-1,i} + \\log g(y_t \\mid x_{t,i}))$ with $\\bar l_{t-1}$ the
@@ -8,21 +13,69 @@ sum of increments estimates $\\log p(y_{0:T-1})$ with no $\\log N$ offset.
 """
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
-import numpyro
-import numpyro.distributions as dist
 from jax.typing import DTypeLike
-from numpyro.distributions import Distribution, constraints
 
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.resampling import Resampler, diffusion
+from numpyro_diffres.checks import (
+    check_callable,
+    check_count,
+    check_fraction,
+    particle_dtype,
+)
+from numpyro_diffres.guards import fill_missing, guard, safe_log_prob
+from numpyro_diffres.resampling import Resampler, adaptive, diffusion
 from numpyro_diffres.ssm import StateSpaceModel, warn_no_rsample
 from numpyro_diffres.weights import effective_sample_size, log_normalize, weighted_moments
 
-__all__ = ["FilterResult", "particle_filter"]
+__all__ = [
+    "FilterInfo",
+    "FilterResult",
+    "FilterState",
+    "ParticleModel",
+    "init",
+    "particle_filter",
+    "run_filter",
+    "state_space_kernel",
+    "step",
+]
+
+Constrain = Callable[[Array], Array]
+
+
+class FilterState(NamedTuple):
+    """The weighted particle cloud between two steps.
+
+    Attributes:
+        particles: shape `(N, *state_shape)`.
+        log_weights: normalised log-weights, shape `(N,)`.
+        alive: scalar bool, False once every particle has had weight zero at some step (the
+            estimate is then $-\\infty$ whatever follows).
+    """
+
+    particles: Array
+    log_weights: Array
+    alive: Array
+
+
+class FilterInfo(NamedTuple):
+    """What one step reports.
+
+    Attributes:
+        log_likelihood_increment: $\\log p(y_t \\mid y_{0:t-1})$ estimate, a scalar.
+        ess: effective sample size of the weights after observing $y_t$.
+        filtered_mean: weighted mean of $x_t$, shape `state_shape`.
+        filtered_variance: weighted per-coordinate variance, shape `state_shape`.
+    """
+
+    log_likelihood_increment: Array
+    ess: Array
+    filtered_mean: Array
+    filtered_variance: Array
 
 
 class FilterResult(NamedTuple):
@@ -43,6 +96,151 @@ class FilterResult(NamedTuple):
     ess: Array
     filtered_mean: Array
     filtered_variance: Array
+
+
+class ParticleModel(Protocol):
+    """What the blocks need of a model: draw the first cloud, move one particle.
+
+    `state_space_kernel` builds one from a `StateSpaceModel`; any object with these two
+    methods (e.g. one built from a NumPyro program) runs through the same `init` and `step`.
+    """
+
+    def initialize(
+        self, key: PRNGKey, num_particles: int, observation: Array, missing: Array
+    ) -> tuple[Array, Array]:
+        """First cloud `(N, *state_shape)` and its unnormalised log-weights `(N,)`.
+
+        The log-weights include the $1/N$ and $\\log g(y_0 \\mid x_0)$ (0 when missing).
+        """
+        ...
+
+    def propagate(
+        self, key: PRNGKey, particle: Array, time: Array, observation: Array, missing: Array
+    ) -> tuple[Array, Array, Array]:
+        """Move one particle: `(new_particle, log_correction, log_likelihood)`.
+
+        `log_correction` is $\\log f - \\log q$ (0 for a bootstrap move), `log_likelihood`
+        is $\\log g(y_t \\mid x_t)$ (0 when missing); either is $-\\infty$ for an impossible
+        particle.
+        """
+        ...
+
+
+class _StateSpaceKernel(NamedTuple):
+    model: StateSpaceModel
+    dtype: jnp.dtype | None
+    constrain: Constrain
+
+    def initialize(self, key, num_particles, observation, missing):
+        initial, initial_valid = guard(self.model.initial)
+        particles = self.constrain(_cast(initial.sample(key, (num_particles,)), self.dtype))
+        log_likelihood = jax.vmap(
+            lambda x: safe_log_prob(self.model.emission(x, jnp.int32(0)), observation)
+        )(particles)
+        log_weights = jnp.where(missing, 0.0, log_likelihood)
+        log_weights = jnp.where(initial_valid, log_weights - math.log(num_particles), -jnp.inf)
+        return particles, log_weights
+
+    def propagate(self, key, particle, time, observation, missing):
+        new, log_correction = _move(self.model, key, particle, time, observation, self.dtype)
+        log_likelihood = safe_log_prob(self.model.emission(new, time), observation)
+        return new, log_correction, jnp.where(missing, 0.0, log_likelihood)
+
+
+def state_space_kernel(
+    model: StateSpaceModel,
+    *,
+    dtype: DTypeLike | None = None,
+    constrain: Constrain | None = None,
+) -> ParticleModel:
+    """The `ParticleModel` of a `StateSpaceModel` (bootstrap, or guided with `proposal`).
+
+    Args:
+        model: the state-space model.
+        dtype: optional floating dtype the drawn states are rounded to.
+        constrain: optional function applied to arrays with a leading particle axis (e.g. a
+            sharding constraint).
+
+    Returns:
+        An object with `initialize` and `propagate`.
+    """
+    return _StateSpaceKernel(model, dtype, _identity if constrain is None else constrain)
+
+
+def init(
+    key: PRNGKey,
+    model: ParticleModel,
+    observation: Array,
+    *,
+    num_particles: int,
+    missing: Array | bool = False,
+) -> tuple[FilterState, FilterInfo]:
+    """Draw and weight the first cloud, $x_0^i \\sim p(x_0)$, $w_0^i \\propto g(y_0 \\mid x_0^i)$.
+
+    Args:
+        key: PRNG key.
+        model: a `ParticleModel`, e.g. `state_space_kernel(ssm)`.
+        observation: $y_0$ (any value of the right shape when `missing`).
+        num_particles: $N$.
+        missing: whether $y_0$ is missing.
+
+    Returns:
+        `(state, info)`.
+    """
+    particles, log_weights = model.initialize(key, num_particles, observation, missing)
+    log_weights, increment = log_normalize(log_weights)
+    alive = jax.lax.stop_gradient(increment > -jnp.inf)
+    return FilterState(particles, log_weights, alive), _info(increment, log_weights, particles)
+
+
+def step(
+    key: PRNGKey,
+    state: FilterState,
+    time: Array,
+    observation: Array,
+    *,
+    model: ParticleModel,
+    resampler: Resampler | None,
+    missing: Array | bool = False,
+    constrain: Constrain | None = None,
+) -> tuple[FilterState, FilterInfo]:
+    """Resample, move and weight the cloud once: from $t - 1$ to $t$.
+
+    Args:
+        key: PRNG key of this step.
+        state: the cloud after observing $y_{t-1}$.
+        time: $t$, an int32 scalar.
+        observation: $y_t$ (any value of the right shape when `missing`).
+        model: a `ParticleModel`.
+        resampler: applied before the move; None skips resampling.
+        missing: whether $y_t$ is missing.
+        constrain: optional function applied to arrays with a leading particle axis.
+
+    Returns:
+        `(state, info)` after observing $y_t$.
+    """
+    constrain = _identity if constrain is None else constrain
+    particles, log_weights, alive = state
+    resample_key, move_key = jax.random.split(key)
+    # Once every particle has had weight zero the estimate is -inf whatever follows; the
+    # cloud (often overflowing, e.g. an explosive transition) is replaced by a harmless
+    # placeholder so that no resampler or density sees it: its NaN derivatives would
+    # otherwise reach the parameters through the discarded branches (0 * inf).
+    particles = jnp.where(alive, particles, jnp.zeros_like(particles))
+    if resampler is not None:
+        new_particles, new_log_weights = resampler(resample_key, log_weights, particles)
+        particles = constrain(new_particles).astype(particles.dtype)
+        log_weights = log_normalize(constrain(new_log_weights))[0].astype(log_weights.dtype)
+    move_keys = jax.random.split(move_key, particles.shape[0])
+    new_particles, log_correction, log_likelihood = jax.vmap(
+        lambda k, x: model.propagate(k, x, time, observation, missing)
+    )(move_keys, particles)
+    new_particles = constrain(new_particles)
+    log_weights, increment = log_normalize(log_weights + log_correction + log_likelihood)
+    alive = alive & jax.lax.stop_gradient(increment > -jnp.inf)
+    return FilterState(new_particles, log_weights, alive), _info(
+        increment, log_weights, new_particles
+    )
 
 
 def particle_filter(
@@ -96,27 +294,22 @@ def particle_filter(
         TypeError: `resampler` is not callable, `particle_sharding` is not a `Sharding`, or
             `dtype` is not a floating dtype.
     """
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int):
-        raise TypeError(f"num_particles must be an int >= 2, got {num_particles!r}.")
-    if num_particles < 2:
-        raise ValueError(f"num_particles must be >= 2, got {num_particles}.")
-    if isinstance(ess_threshold, bool) or not isinstance(ess_threshold, (int, float)):
-        raise TypeError(f"ess_threshold must be a number in [0, 1], got {ess_threshold!r}.")
-    if not 0.0 <= ess_threshold <= 1.0:
-        raise ValueError(f"ess_threshold must lie in [0, 1], got {ess_threshold!r}.")
+    num_particles = check_count("num_particles", num_particles, minimum=2)
+    ess_threshold = check_fraction("ess_threshold", ess_threshold)
     if particle_sharding is not None and not isinstance(particle_sharding, jax.sharding.Sharding):
         raise TypeError(
             "particle_sharding must be a jax.sharding.Sharding (e.g. a NamedSharding over the "
             f"particle axis) or None; got {particle_sharding!r}."
         )
     if dtype is not None:
-        dtype = _floating_dtype(dtype)
+        dtype = particle_dtype(dtype)
     resampler = diffusion() if resampler is None else resampler
-    if not callable(resampler):
-        raise TypeError(
-            "resampler must be callable as resampler(key, log_weights, particles), e.g. "
-            f"numpyro_diffres.resampling.diffusion(); got {resampler!r}."
-        )
+    check_callable(
+        "resampler",
+        resampler,
+        "resampler(key, log_weights, particles)",
+        "numpyro_diffres.resampling.diffusion()",
+    )
     observations = jnp.asarray(observations)
     if observations.ndim < 1 or observations.shape[0] < 1:
         raise ValueError(
@@ -134,75 +327,68 @@ def particle_filter(
     if not info.transition_has_rsample and model.proposal is None:
         warn_no_rsample("transition")
 
-    n = num_particles
+    constrain = _identity
     if particle_sharding is not None:
-        particle_sharding = _auto_sharding(particle_sharding, n)
+        sharding = _auto_sharding(particle_sharding, num_particles)
 
-    def constrain(*arrays):
-        if particle_sharding is None:
-            return arrays
-        return tuple(jax.lax.with_sharding_constraint(a, particle_sharding) for a in arrays)
+        def constrain(array):
+            return jax.lax.with_sharding_constraint(array, sharding)
 
-    missing, filled = _missing(observations)
-    initial_key, steps_key = jax.random.split(key)
-    initial, initial_valid = _guard(model.initial)
-    (particles,) = constrain(_cast(initial.sample(initial_key, (n,)), dtype))
-    log_likelihood = jax.vmap(lambda x: _log_prob(model.emission(x, jnp.int32(0)), filled[0]))(
-        particles
+    kernel = state_space_kernel(model, dtype=dtype, constrain=constrain)
+    resampler = None if ess_threshold <= 0.0 else adaptive(resampler, ess_threshold)
+    return run_filter(
+        key,
+        kernel,
+        observations,
+        num_particles=num_particles,
+        resampler=resampler,
+        constrain=constrain,
     )
-    log_weights = jnp.where(missing[0], 0.0, log_likelihood)
-    log_weights = jnp.where(initial_valid, log_weights - math.log(n), -jnp.inf)
-    log_weights, increment = log_normalize(log_weights)
-    first = (increment, *_summaries(log_weights, particles))
 
-    always = ess_threshold >= 1.0
-    never = ess_threshold <= 0.0
 
-    def resample(key, particles, log_weights):
-        new_particles, new_log_weights = constrain(*resampler(key, log_weights, particles))
-        return new_particles.astype(particles.dtype), log_normalize(new_log_weights)[0].astype(
-            log_weights.dtype
-        )
+def run_filter(
+    key: PRNGKey,
+    model: ParticleModel,
+    observations: Array,
+    *,
+    num_particles: int,
+    resampler: Resampler | None,
+    constrain: Constrain | None = None,
+) -> FilterResult:
+    """The scan of `step` over $t = 1..T-1$ after `init`, for any `ParticleModel`.
+
+    Arguments are checked by the callers (`particle_filter` and the NumPyro handlers).
+    Each step is rematerialised in the reverse pass (`jax.checkpoint`), so the gradient keeps
+    one cloud per time step rather than every intermediate of the resampler. A $-\\infty$
+    estimate has gradient zero.
+
+    Returns:
+        A `FilterResult`.
+    """
+    missing, filled = fill_missing(observations)
+    initial_key, steps_key = jax.random.split(key)
+    state, first = init(
+        initial_key, model, filled[0], num_particles=num_particles, missing=missing[0]
+    )
 
     @jax.checkpoint
-    def step(carry, inputs):
-        particles, log_weights, alive = carry
+    def body(state, inputs):
         step_key, t, y, y_missing = inputs
-        resample_key, move_key = jax.random.split(step_key)
-        # Once every particle has had weight zero the estimate is -inf whatever follows; the
-        # cloud (often overflowing, e.g. an explosive transition) is replaced by a harmless
-        # placeholder so that no resampler or density sees it: its NaN derivatives would
-        # otherwise reach the parameters through the discarded branches (0 * inf).
-        particles = jnp.where(alive, particles, jnp.zeros_like(particles))
-        if always:
-            particles, log_weights = resample(resample_key, particles, log_weights)
-        elif not never:
-            particles, log_weights = jax.lax.cond(
-                effective_sample_size(log_weights) < ess_threshold * n,
-                resample,
-                lambda _, p, lw: (p, lw),
-                resample_key,
-                particles,
-                log_weights,
-            )
-        move_keys = jax.random.split(move_key, n)
-        new_particles, log_correction = constrain(
-            *jax.vmap(lambda k, x: _propagate(model, k, x, t, y, dtype))(move_keys, particles)
+        return step(
+            step_key,
+            state,
+            t,
+            y,
+            model=model,
+            resampler=resampler,
+            missing=y_missing,
+            constrain=constrain,
         )
-        log_likelihood = jax.vmap(lambda x: _log_prob(model.emission(x, t), y))(new_particles)
-        log_likelihood = jnp.where(y_missing, 0.0, log_likelihood)
-        log_weights, increment = log_normalize(log_weights + log_correction + log_likelihood)
-        summaries = (increment, *_summaries(log_weights, new_particles))
-        alive = alive & jax.lax.stop_gradient(increment > -jnp.inf)
-        return (new_particles, log_weights, alive), summaries
 
     num_steps = observations.shape[0]
     keys = jax.random.split(steps_key, max(num_steps - 1, 0))
     times = jnp.arange(1, num_steps, dtype=jnp.int32)
-    alive = jax.lax.stop_gradient(increment > -jnp.inf)
-    _, rest = jax.lax.scan(
-        step, (particles, log_weights, alive), (keys, times, filled[1:], missing[1:])
-    )
+    _, rest = jax.lax.scan(body, state, (keys, times, filled[1:], missing[1:]))
     increments, ess, mean, variance = (
         jnp.concatenate([jnp.expand_dims(a, 0), b], axis=0)
         for a, b in zip(first, rest, strict=True)
@@ -212,22 +398,6 @@ def particle_filter(
     possible = jax.lax.stop_gradient(jnp.all(increments > -jnp.inf))
     increments = jnp.where(possible, increments, jax.lax.stop_gradient(increments))
     return FilterResult(jnp.sum(increments), increments, ess, mean, variance)
-
-
-def _floating_dtype(dtype: DTypeLike) -> jnp.dtype:
-    try:
-        resolved = jnp.dtype(dtype)
-    except TypeError:
-        resolved = None
-    if resolved is None or not jnp.issubdtype(resolved, jnp.floating):
-        raise TypeError(f"dtype must be a floating dtype such as jnp.float32, got {dtype!r}.")
-    # float64 without x64 would silently be float32: say so instead.
-    if jax.dtypes.canonicalize_dtype(resolved) != resolved:
-        raise ValueError(
-            f"dtype={resolved} needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) "
-            "first, or use jnp.float32."
-        )
-    return resolved
 
 
 def _auto_sharding(sharding: jax.sharding.Sharding, num_particles: int) -> jax.sharding.Sharding:
@@ -255,23 +425,27 @@ def _auto_sharding(sharding: jax.sharding.Sharding, num_particles: int) -> jax.s
     return sharding
 
 
-def _summaries(log_weights: Array, particles: Array) -> tuple[Array, Array, Array]:
+def _identity(array: Array) -> Array:
+    return array
+
+
+def _info(increment: Array, log_weights: Array, particles: Array) -> FilterInfo:
     values = particles.astype(log_weights.dtype)
     mean, variance = weighted_moments(log_weights, values)
-    return effective_sample_size(log_weights), mean, variance
+    return FilterInfo(increment, effective_sample_size(log_weights), mean, variance)
 
 
-def _propagate(
+def _move(
     model: StateSpaceModel, key: PRNGKey, x: Array, t: Array, y: Array, dtype: jnp.dtype | None
-):
-    transition, transition_valid = _guard(model.transition(x, t))
+) -> tuple[Array, Array]:
+    transition, transition_valid = guard(model.transition(x, t))
     if model.proposal is None:
         new = _cast(transition.sample(key), dtype)
-        correction = jnp.zeros((), _float_dtype(new))
+        correction = jnp.zeros((), _weight_dtype(new))
     else:
-        proposal, proposal_valid = _guard(model.proposal(x, t, y))
+        proposal, proposal_valid = guard(model.proposal(x, t, y))
         new = _cast(proposal.sample(key), dtype)
-        correction = _log_prob(transition, new) - _log_prob(proposal, new)
+        correction = safe_log_prob(transition, new) - safe_log_prob(proposal, new)
         correction = jnp.where(proposal_valid, correction, -jnp.inf)
     correction = jnp.where(transition_valid, correction, -jnp.inf)
     if jnp.issubdtype(new.dtype, jnp.floating):
@@ -286,98 +460,6 @@ def _cast(x: Array, dtype: jnp.dtype | None) -> Array:
     return x if dtype is None else x.astype(dtype)
 
 
-def _float_dtype(x: Array):
+def _weight_dtype(x: Array) -> jnp.dtype:
+    """The dtype of a log-weight for state `x`: its own if floating, else JAX's default float."""
     return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
-
-
-def _log_prob(distribution: Distribution, value: Array) -> Array:
-    safe, valid = _guard(distribution)
-    log_prob = safe.log_prob(value)
-    # NaN or -inf (invalid parameters, a value outside the support, an infinite observation,
-    # an overflow) is an impossible particle, not a poisoned estimate. Its gradient is NaN or
-    # infinite, which the `where` below would still turn into NaN (0 * inf): such points are
-    # evaluated again at a feasible parameter and value, whose gradient is finite.
-    possible = jax.lax.stop_gradient(valid & jnp.isfinite(log_prob))
-    feasible, _ = _guard(distribution, ~possible)
-    point = jnp.where(possible, value, feasible.support.feasible_like(value))
-    return jnp.where(possible, _log_density(feasible, point), -jnp.inf)
-
-
-@jax.custom_jvp
-def _log_density(distribution: Distribution, value: Array) -> Array:
-    """`distribution.log_prob(value)` (a scalar) whose non-finite partial derivatives are zero.
-
-    A finite log-density can still have a NaN derivative at the edge of the parameter space,
-    e.g. NumPyro's Poisson term `xlogy(k, rate)` at `k = 0` and a `rate` that underflowed to
-    0 (`0 / 0`), where the limit is finite (that term's derivative is then multiplied by
-    `d rate = 0` anyway). Zero is the value of such entries in the limit. A JVP rule (rather
-    than a VJP) keeps forward mode, hence Hessians, available.
-    """
-    return distribution.log_prob(value)
-
-
-@_log_density.defjvp
-def _log_density_jvp(primals, tangents):
-    log_prob, pullback = jax.vjp(lambda d, v: d.log_prob(v), *primals)
-    partials = pullback(jnp.ones_like(log_prob))
-    tangent = jnp.zeros_like(log_prob)
-    for partial, direction in zip(
-        jax.tree.leaves(partials), jax.tree.leaves(tangents), strict=True
-    ):
-        if jnp.issubdtype(partial.dtype, jnp.inexact):
-            finite = jnp.where(jnp.isfinite(partial), partial, jnp.zeros_like(partial))
-            tangent = tangent + jnp.sum(finite * direction)
-    return log_prob, tangent
-
-
-def _guard(distribution: Distribution, replace: Array | None = None) -> tuple[Distribution, Array]:
-    """Split a distribution into a safe copy and a flag saying whether its parameters are valid.
-
-    NumPyro only checks constraints on concrete values; inside a traced filter (jit, grad,
-    NUTS) an invalid parameter (a zero or negative scale proposed in warm-up) must instead give
-    the particle weight zero. Evaluating `log_prob` at the invalid parameter would still put
-    NaN into the gradient through the discarded branch of a `where`, so each invalid parameter
-    is replaced by a feasible one (the double-`where` pattern) and the caller masks the result
-    with the returned flag. Wrappers are unwrapped through `Independent`; a distribution that
-    cannot be rebuilt from its parameters is only checked, not made safe. Where the optional
-    boolean `replace` is true, every checked parameter is replaced by a feasible one.
-    """
-    if isinstance(distribution, dist.Independent):
-        base, valid = _guard(distribution.base_dist, replace)
-        return dist.Independent(base, distribution.reinterpreted_batch_ndims), valid
-    valid = jnp.asarray(True)
-    safe = {}
-    for name, constraint in distribution.arg_constraints.items():
-        if name not in distribution.__dict__:
-            continue
-        value = distribution.__dict__[name]
-        safe[name] = value
-        if value is None or constraints.is_dependent(constraint):
-            continue
-        ok = jnp.all(constraint(value))
-        valid = valid & ok
-        keep = ok if replace is None else ok & ~replace
-        safe[name] = jnp.where(keep, value, constraint.feasible_like(value))
-    try:
-        with numpyro.validation_enabled(False):
-            rebuilt = type(distribution)(**safe)
-    except (TypeError, ValueError, NotImplementedError):
-        return distribution, valid
-    if rebuilt.batch_shape != distribution.batch_shape:
-        return distribution, valid
-    return rebuilt, valid
-
-
-def _missing(observations: Array) -> tuple[Array, Array]:
-    """Missing-time mask `(T,)` and observations with missing rows filled by a valid row."""
-    num_steps = observations.shape[0]
-    if not jnp.issubdtype(observations.dtype, jnp.floating):
-        return jnp.zeros((num_steps,), bool), observations
-    flat = observations.reshape(num_steps, -1)
-    missing = jnp.any(jnp.isnan(flat), axis=1)
-    # A value inside the emission's support keeps log_prob (and its gradient) finite in the
-    # branch that `where` discards.
-    fill = observations[jnp.argmin(missing)]
-    fill = jnp.where(jnp.isnan(fill), jnp.zeros_like(fill), fill)
-    expanded = missing.reshape((num_steps,) + (1,) * (observations.ndim - 1))
-    return missing, jnp.where(expanded, fill, observations)

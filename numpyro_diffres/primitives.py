@@ -19,11 +19,11 @@ the model unchanged. Which noise the filter uses decides what inference targets:
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpyro
 from jax.typing import DTypeLike
 
 from numpyro_diffres._typing import Array, PRNGKey
+from numpyro_diffres.checks import check_key, check_name
 from numpyro_diffres.filtering import FilterResult, particle_filter
 from numpyro_diffres.resampling import Resampler
 from numpyro_diffres.ssm import StateSpaceModel, simulate
@@ -36,27 +36,13 @@ DEFAULT_SEED = 0
 def _resolve_key(key: PRNGKey | None, argument: str = "key") -> PRNGKey:
     """An explicit key wins; else the seed handler's key; else a fixed default key."""
     if key is not None:
-        _check_key(key, argument)
+        check_key(key, argument)
         return key
     with warnings.catch_warnings():
         # prng_key() warns outside a seed handler; falling back is the documented behaviour.
         warnings.simplefilter("ignore", UserWarning)
         key = numpyro.prng_key()
     return jax.random.PRNGKey(DEFAULT_SEED) if key is None else key
-
-
-def _check_key(key: object, argument: str) -> None:
-    if isinstance(key, jax.Array | jnp.ndarray):
-        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
-            return
-        if key.dtype == jnp.uint32 and key.shape == (2,):
-            return
-    raise TypeError(
-        f"{argument} must be a single PRNG key from jax.random.key(seed) or "
-        f"jax.random.PRNGKey(seed); got {type(key).__name__} "
-        f"{getattr(key, 'shape', '')} {getattr(key, 'dtype', '')}".rstrip()
-        + "."
-    )
 
 
 def particle_factor(
@@ -107,13 +93,7 @@ def particle_factor(
             callable.
         ValueError: observations that do not fit the emission, bad `num_particles`.
     """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty str, got {name!r}.")
-    if resampler is not None and not callable(resampler):
-        raise TypeError(
-            "resampler must be callable as resampler(key, log_weights, particles), e.g. "
-            f"numpyro_diffres.resampling.diffusion(); got {resampler!r}."
-        )
+    check_name(name)
     key = _resolve_key(key)
     result = particle_filter(
         key,
@@ -151,8 +131,7 @@ def sample_trajectory(
     Returns:
         `(states, observations)`.
     """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty str, got {name!r}.")
+    check_name(name)
     states, observations = simulate(_resolve_key(key), model, num_steps)
     numpyro.deterministic(f"{name}_states", states)
     numpyro.deterministic(f"{name}_observations", observations)

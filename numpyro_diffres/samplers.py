@@ -22,8 +22,7 @@ import jax.numpy as jnp
 from numpyro.infer.util import initialize_model
 
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.primitives import _check_key
-from numpyro_diffres.resampling.base import check_positive
+from numpyro_diffres.checks import check_key, check_positive
 
 __all__ = ["BlackjaxInfo", "BlackjaxResult", "blackjax_nuts", "to_inference_data"]
 
@@ -104,7 +103,7 @@ def blackjax_nuts(
     # package import that would silently defeat a later numpyro.set_host_device_count(...).
     import blackjax  # noqa: PLC0415
 
-    _check_key(key, "key")
+    check_key(key, "key")
     if not callable(model):
         raise TypeError(f"model must be a callable NumPyro model, got {model!r}.")
     check_positive("num_warmup", num_warmup, integer=True)

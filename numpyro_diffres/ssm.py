@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from numpyro.distributions import Distribution
 
 from numpyro_diffres._typing import Array, PRNGKey
+from numpyro_diffres.checks import check_count
 
 __all__ = ["StateSpaceModel", "simulate"]
 
@@ -176,10 +177,10 @@ def simulate(key: PRNGKey, model: StateSpaceModel, num_steps: int) -> tuple[Arra
         `(states, observations)` of shapes `(T, *state_shape)` and `(T, *observation_shape)`.
 
     Raises:
-        ValueError: `num_steps` is not a positive int.
+        TypeError: `num_steps` is not an int.
+        ValueError: `num_steps` is below 1.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}.")
+    num_steps = check_count("num_steps", num_steps, minimum=1)
     model.check()
     initial_key, emission_key, steps_key = jax.random.split(key, 3)
     x0 = model.initial.sample(initial_key)

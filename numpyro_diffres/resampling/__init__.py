@@ -3,7 +3,9 @@
 `diffusion` is the differentiable default; the others are the baselines it is compared with.
 """
 
+from numpyro_diffres.resampling.adaptive import adaptive
 from numpyro_diffres.resampling.base import Resampler
+from numpyro_diffres.resampling.decay import GradientDecay, gradient_decay
 from numpyro_diffres.resampling.diffusion import Diffusion, diffusion
 from numpyro_diffres.resampling.gumbel import GumbelSoftmax, gumbel_softmax
 from numpyro_diffres.resampling.index import IndexResampler, multinomial, stratified, systematic
@@ -16,7 +18,9 @@ from numpyro_diffres.resampling.soft import Soft, soft
 from numpyro_diffres.resampling.stop_gradient import StopGradient, stop_gradient
 
 __all__ = [
+    "adaptive",
     "Diffusion",
+    "GradientDecay",
     "GumbelSoftmax",
     "IndexResampler",
     "OptimalTransport",
@@ -25,6 +29,7 @@ __all__ = [
     "StopGradient",
     "TransportInfo",
     "diffusion",
+    "gradient_decay",
     "gumbel_softmax",
     "multinomial",
     "optimal_transport",

@@ -1,8 +1,7 @@
 """The resampler protocol and the input checks every resampler shares."""
 
 import math
-import numbers
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,6 @@ from numpyro_diffres.weights import log_normalize
 __all__ = [
     "PreparedInput",
     "Resampler",
-    "check_positive",
     "prepare",
     "standard_draw",
     "uniform_log_weights",
@@ -21,7 +19,6 @@ __all__ = [
 ]
 
 
-@runtime_checkable
 class Resampler(Protocol):
     """A resampler: `(key, log_weights, particles) -> (particles, log_weights)`.
 
@@ -56,17 +53,6 @@ def standard_draw(sampler, key: PRNGKey, shape: tuple[int, ...], dtype) -> Array
     x64 disabled the default precision is float32 and this is the plain float32 draw.
     """
     return sampler(key, shape).astype(dtype)
-
-
-def check_positive(name: str, value: float, *, integer: bool = False) -> None:
-    """Raise a `ValueError`/`TypeError` unless `value` is a positive (integer) number."""
-    if integer:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be a positive int, got {value!r}.")
-    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive number, got {value!r}.")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be positive and finite, got {value!r}.")
 
 
 def prepare(log_weights: Array, particles: Array, *, require_float: bool = True) -> PreparedInput:

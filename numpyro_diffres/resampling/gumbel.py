@@ -10,8 +10,8 @@ import dataclasses
 import jax
 
 from numpyro_diffres._typing import Array, PRNGKey
+from numpyro_diffres.checks import check_positive
 from numpyro_diffres.resampling.base import (
-    check_positive,
     prepare,
     standard_draw,
     uniform_log_weights,

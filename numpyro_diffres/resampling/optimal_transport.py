@@ -23,8 +23,8 @@ from ott.problems.linear import linear_problem
 from ott.solvers.linear import implicit_differentiation, sinkhorn
 
 from numpyro_diffres._typing import Array, PRNGKey
+from numpyro_diffres.checks import check_positive
 from numpyro_diffres.resampling.base import (
-    check_positive,
     prepare,
     uniform_log_weights,
     whitening_scale,

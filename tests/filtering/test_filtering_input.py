@@ -95,9 +95,11 @@ def test_model_arguments_are_checked():
         run(ndr.StateSpaceModel(dist.Normal(), lambda x, t: x, lambda x, t: dist.Normal(x)))
 
 
-@pytest.mark.parametrize("num_steps", [0, -1, 2.0])
-def test_simulate_num_steps(num_steps):
-    with pytest.raises(ValueError, match="num_steps"):
+@pytest.mark.parametrize(
+    "num_steps, error", [(0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)]
+)
+def test_simulate_num_steps(num_steps, error):
+    with pytest.raises(error, match="num_steps"):
         ndr.simulate(KEY, ar1(), num_steps)
 
 
