@@ -77,9 +77,9 @@ def per_particle_diffusion(
 
     `transposed` only changes the memory layout the per-particle function reads: the whitened
     cloud as `(d, N)` (particle index minor) instead of `(N, d)`. The arithmetic is identical,
-    but XLA's CPU code for the per-particle function is several times faster with it at d=1
-    (measured here, N=1024: about 6x forward), so the speed of a "per-particle"
-    implementation depends on this detail and both are reported.
+    but XLA's CPU code for the per-particle function runs at very different speeds with the
+    two layouts (both rows of `benchmarks/results/resampling.md`), so the speed of a
+    "per-particle" implementation depends on this detail and both are reported.
     """
     delta = time_horizon / num_steps
 

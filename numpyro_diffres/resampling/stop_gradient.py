@@ -4,7 +4,9 @@
 
 The forward pass is the base index resampler's. The returned log-weights are
 $-\\log N + l_{I} - \\mathrm{sg}(l_{I})$: uniform in value, but their gradient is that of the
-score-function (REINFORCE) estimator, so the filter's log-likelihood gradient is unbiased.
+score-function (REINFORCE) estimator. The gradient of the filter's likelihood estimate
+$\\hat p(y)$ is then unbiased for $\\nabla p(y)$; the gradient of its logarithm, which is what
+NUTS and SVI use, is not (it is a ratio of two estimates), only consistent as $N$ grows.
 """
 
 import dataclasses

@@ -75,20 +75,48 @@ def test_index_resampling_likelihood_is_unbiased(make_params, scheme, ess_thresh
     assert abs(ratio.mean() - 1.0) < 5 * standard_error + 1e-12
 
 
-def test_ess_triggered_resampling_resamples_less():
-    params = scalar_params()
-    observations = data(params)
-    model = ndr.linear_gaussian(params)
+def counting_model(phi=0.9):
+    """AR(1) in the first coordinate; the second only counts resampling events (see below)."""
+    return ndr.StateSpaceModel(
+        initial=dist.Normal(jnp.zeros(2), jnp.array([1.0, 1e-9])).to_event(1),
+        transition=lambda x, t: dist.Normal(
+            jnp.stack([phi * x[0], x[1]]), jnp.array([0.7, 1e-9])
+        ).to_event(1),
+        emission=lambda x, t: dist.Normal(x[:1], 0.5).to_event(1),
+    )
+
+
+def counting(resampler):
+    """Adds 1 to every particle's counter coordinate whenever it resamples."""
+
+    def resample(key, log_weights, particles):
+        new_particles, new_log_weights = resampler(key, log_weights, particles)
+        return new_particles.at[:, 1].add(1.0), new_log_weights
+
+    return resample
+
+
+@pytest.mark.parametrize("ess_threshold", [0.0, 0.5, 1.0])
+def test_ess_triggered_resampling_resamples_when_the_ess_is_low(ess_threshold):
+    n = 64
+    _, observations = ndr.simulate(jax.random.PRNGKey(0), counting_model(), T)
     result = ndr.particle_filter(
         jax.random.PRNGKey(0),
-        model,
+        counting_model(),
         observations,
-        num_particles=128,
-        resampler=resampling.systematic(),
-        ess_threshold=0.0,
+        num_particles=n,
+        resampler=counting(resampling.systematic()),
+        ess_threshold=ess_threshold,
     )
-    # Never resampling on 50 steps degenerates the weights: the ESS collapses.
-    assert result.ess[-1] < 0.2 * 128
+    resamplings = round(float(result.filtered_mean[-1, 1]))
+    # Step t resamples iff the ESS after observing y_{t-1} is below the threshold.
+    expected = int(np.sum(np.asarray(result.ess[:-1]) < ess_threshold * n))
+    if ess_threshold == 1.0:
+        expected = T - 1
+    assert resamplings == expected
+    if ess_threshold == 0.5:
+        # Neither never nor always: the policy actually switches on this run.
+        assert 0 < resamplings < T - 1
 
 
 @pytest.mark.slow

@@ -33,11 +33,16 @@ def test_block_size_divides_and_fits():
     size = attention_module.block_size(1000, 1000, max_entries=30_000)
     assert 1000 % size == 0 and size * 1000 <= 30_000
     assert attention_module.block_size(7, 100, max_entries=50) == 1
+    # A prime number of queries (above the limit) gets full blocks plus padding, never one-row
+    # blocks: N = 4099 at the default limit of 2^22 entries gives blocks of 1023 queries.
+    assert attention_module.block_size(4099, 4099) == 2**22 // 4099
+    assert attention_module.block_size(13, 13, max_entries=13 * 5) == 5
 
 
-@pytest.mark.parametrize("block", [12, 4, 1])
+@pytest.mark.parametrize("block", [12, 5, 4, 1])
 @pytest.mark.parametrize("dropped", [0, 3])
 def test_values_and_gradients_match_plain_form(block, dropped):
+    # Block 5 does not divide the 12 queries: the last block is padded.
     with jax.enable_x64(True):
         queries, keys, bias, cotangent = _inputs(12, 9, 3, jnp.float64, dropped)
         scale = jnp.asarray(0.7, jnp.float64)

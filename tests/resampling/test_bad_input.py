@@ -143,13 +143,16 @@ def test_bad_hyperparameters_raise_at_construction(factory, kwargs, exception):
 
 
 def test_numpy_scalar_hyperparameters_are_accepted():
-    # Hyperparameters often come from numpy grids; they are numbers like any other.
-    resampling.diffusion(
-        num_steps=np.int64(4), time=np.float32(1.0), rate=np.float64(2.0), jitter=np.float32(1e-6)
-    )
-    resampling.soft(np.float32(0.5))
-    resampling.gumbel_softmax(np.float32(0.3))
-    resampling.optimal_transport(np.float32(0.5), max_iterations=np.int32(100))
+    # Hyperparameters often come from numpy grids; they are numbers like any other, and the
+    # resampler built from them is the one built from the Python values.
+    assert resampling.diffusion(
+        num_steps=np.int64(4), time=np.float32(1.0), rate=np.float64(2.0), jitter=np.float32(0.5)
+    ) == resampling.diffusion(num_steps=4, time=1.0, rate=2.0, jitter=0.5)
+    assert resampling.soft(np.float32(0.5)) == resampling.soft(0.5)
+    assert resampling.gumbel_softmax(np.float32(0.25)) == resampling.gumbel_softmax(0.25)
+    assert resampling.optimal_transport(
+        np.float32(0.5), max_iterations=np.int32(100)
+    ) == resampling.optimal_transport(0.5, max_iterations=100)
 
 
 # --- degenerate clouds ------------------------------------------------------------------------
