@@ -4,7 +4,7 @@ Diffusion resampling (Andersson & Zhao, arXiv:2512.10401) makes the fixed-noise 
 filter log-likelihood smooth in the model parameters, so SVI and NUTS can use it.
 """
 
-from numpyro_diffres import resampling
+from numpyro_diffres import diagnostics, resampling
 from numpyro_diffres.filtering import FilterResult, particle_filter
 from numpyro_diffres.linear_gaussian import (
     LinearGaussianParams,
@@ -25,6 +25,7 @@ __all__ = [
     "StateSpaceModel",
     "blackjax_nuts",
     "dense_log_likelihood",
+    "diagnostics",
     "kalman_filtered_moments",
     "kalman_log_likelihood",
     "linear_gaussian",

@@ -1,0 +1,156 @@
+"""The roughness diagnostic: rough on the nonlinear growth model, smooth on AR(1) plus noise."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+
+import numpyro_diffres as ndr
+from numpyro_diffres import diagnostics, resampling
+
+NUM_STEPS = 30
+SETTINGS = {"num_particles": 64, "num_points": 10, "num_keys": 8}
+
+
+def growth(params):
+    sv = params["sv"]
+    return ndr.StateSpaceModel(
+        dist.Normal(0.0, jnp.sqrt(5.0)),
+        lambda x, t: dist.Normal(x / 2 + 25 * x / (1 + x**2) + 8 * jnp.cos(1.2 * t), sv),
+        lambda x, t: dist.Normal(x**2 / 20, 1.0),
+    )
+
+
+def ar1(params):
+    return ndr.StateSpaceModel(
+        dist.Normal(0.0, 1.0),
+        lambda x, t: dist.Normal(params["phi"] * x, params["sigma"]),
+        lambda x, t: dist.Normal(x, 0.5),
+    )
+
+
+@pytest.fixture(scope="module")
+def growth_data():
+    return ndr.simulate(jax.random.PRNGKey(0), growth({"sv": jnp.sqrt(10.0)}), NUM_STEPS)[1]
+
+
+@pytest.fixture(scope="module")
+def ar1_data():
+    return ndr.simulate(jax.random.PRNGKey(3), ar1({"phi": 0.8, "sigma": 0.5}), NUM_STEPS)[1]
+
+
+@pytest.fixture(scope="module")
+def growth_default(growth_data):
+    return diagnostics.filter_surface(
+        jax.random.PRNGKey(11), growth, growth_data, {"sv": 3.16}, **SETTINGS
+    )
+
+
+@pytest.fixture(scope="module")
+def ar1_default(ar1_data):
+    return diagnostics.filter_surface(
+        jax.random.PRNGKey(11), ar1, ar1_data, {"phi": 0.8, "sigma": 0.5}, **SETTINGS
+    )
+
+
+def test_growth_model_default_is_rough(growth_default):
+    report = growth_default
+    assert report.verdict == "rough"
+    assert report.names == ("sv",)
+    # The fixed-key gradient is far from the averaged slope and does not predict the values.
+    assert report.gradient_ratio[0] > diagnostics.GRADIENT_RATIO_LIMIT
+    assert report.mismatch[0] > diagnostics.MISMATCH_LIMIT
+    assert "gradient_decay" in report.advice
+    assert "ROUGH" in str(report)
+
+
+def test_ar1_default_is_smooth(ar1_default):
+    report = ar1_default
+    assert report.verdict == "smooth", str(report)
+    assert report.names == ("phi", "sigma")
+    assert report.offsets.shape == report.gradient.shape == (2, SETTINGS["num_points"])
+    # Smooth: the gradient predicts each value change to well under one log-likelihood unit.
+    assert np.all(report.mismatch < 0.1)
+    assert np.all(report.sign_change_fraction == 0.0)
+    # The averaged slope agrees with the fixed-key gradient at the centre up to key noise
+    # (four spreads: a 4-sigma bound for one key).
+    centre = np.mean(
+        report.gradient[:, SETTINGS["num_points"] // 2 - 1 : SETTINGS["num_points"] // 2 + 1],
+        axis=1,
+    )
+    assert np.all(np.abs(centre - report.averaged_slope) < 4 * report.slope_spread)
+    assert "SMOOTH" in report.summary()
+
+
+def test_gradient_decay_makes_growth_model_smooth(growth_data):
+    report = diagnostics.filter_surface(
+        jax.random.PRNGKey(11),
+        growth,
+        growth_data,
+        {"sv": 3.16},
+        resampler=resampling.gradient_decay(resampling.diffusion(), 0.0),
+        **SETTINGS,
+    )
+    assert report.verdict == "smooth", str(report)
+
+
+def test_direction_and_generic_log_likelihood(ar1_data):
+    def log_likelihood(key, params):
+        return ndr.particle_filter(key, ar1(params), ar1_data, num_particles=16).log_likelihood
+
+    report = diagnostics.surface(
+        jax.random.PRNGKey(1),
+        log_likelihood,
+        {"phi": 0.8, "sigma": 0.5},
+        direction={"phi": 1.0, "sigma": 1.0},
+        radius=0.02,
+        num_points=5,
+        num_keys=2,
+    )
+    assert report.names == ("direction",)
+    np.testing.assert_allclose(report.offsets[0, [0, -1]], [-0.02, 0.02], rtol=1e-6)
+
+
+def _constant(key, params):
+    return jnp.sum(params["a"]) * 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"log_likelihood_fn": 3.0}, TypeError, "log_likelihood_fn must be callable"),
+        ({"num_points": 3}, ValueError, "num_points must be >= 5"),
+        ({"num_points": 5.0}, TypeError, "num_points must be an int"),
+        ({"num_keys": 1}, ValueError, "num_keys must be >= 2"),
+        ({"radius": -1.0}, ValueError, "radius must be positive"),
+        ({"params": {}}, ValueError, "params is empty"),
+        ({"params": {"a": jnp.arange(2)}}, TypeError, "floating-point"),
+        ({"direction": {"b": 1.0}}, ValueError, "structure of params"),
+        ({"direction": {"a": jnp.zeros(2)}}, ValueError, "not all zero"),
+        ({"direction": {"a": jnp.ones(3)}}, ValueError, "direction has 3 entries"),
+        (
+            {"log_likelihood_fn": lambda key, params: params["a"]},
+            ValueError,
+            "must return a scalar",
+        ),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    arguments = {"log_likelihood_fn": _constant, "params": {"a": jnp.ones(2)}, **kwargs}
+    with pytest.raises(error, match=match):
+        diagnostics.surface(
+            jax.random.PRNGKey(0),
+            arguments.pop("log_likelihood_fn"),
+            arguments.pop("params"),
+            **arguments,
+        )
+
+
+def test_filter_surface_bad_model_fn(ar1_data):
+    with pytest.raises(TypeError, match="model_fn must be callable"):
+        diagnostics.filter_surface(jax.random.PRNGKey(0), None, ar1_data, 0.8, num_particles=8)
+    with pytest.raises(TypeError, match="must return a StateSpaceModel"):
+        diagnostics.filter_surface(
+            jax.random.PRNGKey(0), lambda p: p, ar1_data, 0.8, num_particles=8
+        )
