@@ -13,6 +13,7 @@ from numpyro_diffres.linear_gaussian import (
     kalman_log_likelihood,
     linear_gaussian,
 )
+from numpyro_diffres.marginalize import marginalize
 from numpyro_diffres.primitives import particle_factor, sample_trajectory
 from numpyro_diffres.samplers import BlackjaxInfo, BlackjaxResult, blackjax_nuts, to_inference_data
 from numpyro_diffres.ssm import StateSpaceModel, simulate
@@ -29,6 +30,7 @@ __all__ = [
     "kalman_filtered_moments",
     "kalman_log_likelihood",
     "linear_gaussian",
+    "marginalize",
     "particle_factor",
     "particle_filter",
     "resampling",

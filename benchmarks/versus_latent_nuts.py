@@ -1,0 +1,296 @@
+"""One NumPyro model function, fitted two ways: NUTS over all latents, or `marginalize` + NUTS.
+
+The stochastic-volatility model is written once as an ordinary NumPyro program (statics, a
+non-centred latent log-volatility path in a `scan`). (a) NUTS samples the statics and all
+T latent innovations; (b) `ndr.marginalize(model, num_particles=N)` integrates the path out
+with the diffusion-resampled particle filter and NUTS samples the three statics only. Reported:
+wall times (warm-up + sampling, compilation included), the smallest effective sample size of
+the statics, the time to 400 effective samples (warm-up + sampling time scaled to 400
+ESS), and the agreement of the statics' posteriors (mean difference in posterior SDs of (a),
+SD ratio).
+
+    python benchmarks/versus_latent_nuts.py [--quick] [--out PATH] [--figure PATH]
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.contrib.control_flow import scan
+from numpyro.diagnostics import effective_sample_size
+from numpyro.infer import MCMC, NUTS
+
+import numpyro_diffres as ndr
+from numpyro_diffres.marginalize import marginalize
+
+try:
+    from _common import load_line, markdown_table, run_metadata, write_report
+except ImportError:  # run as a module from the repository root
+    from benchmarks._common import load_line, markdown_table, run_metadata, write_report
+
+STATICS = ("mu", "phi", "sigma")
+TRUE = {"mu": -1.0, "phi": 0.9, "sigma": 0.4}
+RESULTS = Path(__file__).resolve().parent / "results" / "versus_latent_nuts.json"
+FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "from_numpyro.png"
+
+
+def stochastic_volatility(returns):
+    """Stochastic volatility as an ordinary NumPyro program (non-centred latent path)."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
+    phi = numpyro.sample(
+        "phi",
+        dist.TransformedDistribution(
+            dist.Beta(10.0, 1.5),
+            dist.transforms.AffineTransform(-1.0, 2.0, domain=dist.constraints.unit_interval),
+        ),
+    )
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    z0 = numpyro.sample("z0", dist.Normal(0.0, 1.0))
+    x0 = mu + sigma / jnp.sqrt(1.0 - phi**2) * z0
+    numpyro.sample("r0", dist.Normal(0.0, jnp.exp(x0 / 2.0)), obs=returns[0])
+
+    def step(x, r):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+        x = mu + phi * (x - mu) + sigma * z
+        numpyro.sample("r", dist.Normal(0.0, jnp.exp(x / 2.0)), obs=r)
+        return x, None
+
+    scan(step, x0, returns[1:])
+
+
+def simulate_returns(num_steps: int, seed: int):
+    mu, phi, sigma = TRUE["mu"], TRUE["phi"], TRUE["sigma"]
+    model = ndr.StateSpaceModel(
+        initial=dist.Normal(mu, sigma / jnp.sqrt(1.0 - phi**2)),
+        transition=lambda x, t: dist.Normal(mu + phi * (x - mu), sigma),
+        emission=lambda x, t: dist.Normal(0.0, jnp.exp(x / 2.0)),
+    )
+    return ndr.simulate(jax.random.PRNGKey(seed), model, num_steps)[1]
+
+
+def fit(model, returns, *, num_warmup, num_samples, seed):
+    mcmc = MCMC(NUTS(model), num_warmup=num_warmup, num_samples=num_samples, progress_bar=False)
+    key = jax.random.PRNGKey(seed)
+    start = time.perf_counter()
+    mcmc.warmup(key, returns, collect_warmup=False)
+    warmup_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    mcmc.run(mcmc.post_warmup_state.rng_key, returns)
+    samples = {name: np.asarray(mcmc.get_samples()[name]) for name in STATICS}
+    sampling_seconds = time.perf_counter() - start
+    ess = {
+        name: float(effective_sample_size(samples[name][None].astype(np.float64)))
+        for name in STATICS
+    }
+    divergences = int(np.sum(np.asarray(mcmc.get_extra_fields()["diverging"])))
+    minimum = min(ess.values())
+    return {
+        "num_warmup": num_warmup,
+        "num_samples": num_samples,
+        "warmup_seconds": warmup_seconds,
+        "sampling_seconds": sampling_seconds,
+        "total_seconds": warmup_seconds + sampling_seconds,
+        "ess": ess,
+        "min_ess": minimum,
+        "seconds_to_400_ess": warmup_seconds + sampling_seconds * 400.0 / minimum,
+        "divergences": divergences,
+        "mean": {name: float(samples[name].mean()) for name in STATICS},
+        "sd": {name: float(samples[name].std()) for name in STATICS},
+    }, samples
+
+
+def run_case(num_steps, settings, seed):
+    returns = simulate_returns(num_steps, seed)
+    latent, latent_samples = fit(
+        stochastic_volatility,
+        returns,
+        num_warmup=settings["latent_warmup"],
+        num_samples=settings["latent_samples"],
+        seed=seed + 1,
+    )
+    marginal, marginal_samples = fit(
+        marginalize(stochastic_volatility, num_particles=settings["num_particles"]),
+        returns,
+        num_warmup=settings["marginal_warmup"],
+        num_samples=settings["marginal_samples"],
+        seed=seed + 2,
+    )
+    agreement = {
+        name: {
+            "mean_difference_in_sd": (marginal["mean"][name] - latent["mean"][name])
+            / latent["sd"][name],
+            "sd_ratio": marginal["sd"][name] / latent["sd"][name],
+        }
+        for name in STATICS
+    }
+    case = {
+        "num_steps": num_steps,
+        "latent_nuts": latent,
+        "marginalize_nuts": marginal,
+        "agreement": agreement,
+        "time_to_400_ess_ratio": marginal["seconds_to_400_ess"] / latent["seconds_to_400_ess"],
+    }
+    return case, (latent_samples, marginal_samples)
+
+
+def render(report):
+    meta = report["meta"]
+    lines = [
+        "# One NumPyro model, two fits: NUTS over all latents vs `marginalize` + NUTS",
+        "",
+        "Stochastic volatility written once as a NumPyro `scan` program (non-centred latent "
+        "path). (a) NUTS over the statics and all latent innovations; (b) "
+        f"`ndr.marginalize(model, num_particles={meta['num_particles']})` (diffusion "
+        "resampling, fixed key under NUTS) and NUTS over (mu, phi, sigma) only. One chain "
+        "each, float32. Time to 400 ESS = warm-up + sampling time x 400 / (smallest ESS of "
+        "the statics); wall times include compilation.",
+        "",
+    ]
+    rows = []
+    for case in report["cases"]:
+        for label, key in (
+            ("NUTS, all latents", "latent_nuts"),
+            ("marginalize + NUTS", "marginalize_nuts"),
+        ):
+            result = case[key]
+            rows.append(
+                [
+                    str(case["num_steps"]),
+                    label,
+                    f"{result['num_warmup']} + {result['num_samples']}",
+                    result["warmup_seconds"],
+                    result["sampling_seconds"],
+                    result["min_ess"],
+                    result["seconds_to_400_ess"],
+                    result["divergences"],
+                ]
+            )
+    lines.append(
+        markdown_table(
+            [
+                "T",
+                "fit",
+                "warm-up + samples",
+                "warm-up s",
+                "sampling s",
+                "min ESS",
+                "s to 400 ESS",
+                "divergences",
+            ],
+            rows,
+            align="llrrrrrr",
+        )
+    )
+    lines += ["", "Posterior agreement of the statics ((b) against (a)):", ""]
+    rows = []
+    for case in report["cases"]:
+        for name in STATICS:
+            latent, marginal = case["latent_nuts"], case["marginalize_nuts"]
+            rows.append(
+                [
+                    str(case["num_steps"]),
+                    name,
+                    latent["mean"][name],
+                    marginal["mean"][name],
+                    latent["sd"][name],
+                    marginal["sd"][name],
+                    case["agreement"][name]["mean_difference_in_sd"],
+                    case["agreement"][name]["sd_ratio"],
+                ]
+            )
+    lines.append(
+        markdown_table(
+            [
+                "T",
+                "static",
+                "mean (a)",
+                "mean (b)",
+                "SD (a)",
+                "SD (b)",
+                "mean diff / SD (a)",
+                "SD ratio",
+            ],
+            rows,
+            align="llrrrrrr",
+        )
+    )
+    lines += [""]
+    for case in report["cases"]:
+        lines.append(
+            f"T = {case['num_steps']}: time to 400 ESS, marginalize / all-latents = "
+            f"{case['time_to_400_ess_ratio']:.2f}."
+        )
+    lines += ["", load_line(meta), ""]
+    return "\n".join(lines)
+
+
+def plot(path, returns, samples):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    latent_samples, marginal_samples = samples
+    figure, axes = plt.subplots(1, 4, figsize=(13, 2.8))
+    axes[0].plot(np.asarray(returns), lw=0.8, color="k")
+    axes[0].set_title("returns")
+    for ax, name in zip(axes[1:], STATICS, strict=True):
+        bins = np.histogram_bin_edges(
+            np.concatenate([latent_samples[name], marginal_samples[name]]), 30
+        )
+        ax.hist(latent_samples[name], bins, density=True, alpha=0.5, label="NUTS, all latents")
+        ax.hist(marginal_samples[name], bins, density=True, alpha=0.5, label="marginalize + NUTS")
+        ax.axvline(TRUE[name], color="k", ls="--", lw=1)
+        ax.set_title(name)
+    axes[1].legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--figure", type=Path, default=None, help="posterior figure (PNG)")
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="values of T")
+    args = parser.parse_args(argv)
+    if args.quick:
+        settings = {
+            "num_particles": 8,
+            "latent_warmup": 50,
+            "latent_samples": 50,
+            "marginal_warmup": 20,
+            "marginal_samples": 20,
+        }
+        steps = args.steps or [15]
+    else:
+        settings = {
+            "num_particles": 64,
+            "latent_warmup": 1000,
+            "latent_samples": 2000,
+            "marginal_warmup": 200,
+            "marginal_samples": 300,
+        }
+        steps = args.steps or [100]
+    report = {"meta": run_metadata(**settings, steps=steps, dtype="float32"), "cases": []}
+    for num_steps in steps:
+        case, samples = run_case(num_steps, settings, seed=0)
+        report["cases"].append(case)
+        print(
+            f"T={num_steps}: ratio {case['time_to_400_ess_ratio']:.2f}",
+            {k: round(v["mean_difference_in_sd"], 3) for k, v in case["agreement"].items()},
+            flush=True,
+        )
+        if args.figure is not None and num_steps == steps[0]:
+            plot(args.figure, simulate_returns(num_steps, 0), samples)
+    print(write_report(args.out, report, render))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""Smoke test of `benchmarks/versus_latent_nuts.py --quick`: both fits run and are reported."""
+
+import math
+
+
+def test_quick_benchmark_reports_both_fits(quick_benchmark):
+    report, table = quick_benchmark("versus_latent_nuts", timeout=600)
+    assert table.startswith("# One NumPyro model, two fits")
+    (case,) = report["cases"]
+    assert case["num_steps"] == 15
+    for key in ("latent_nuts", "marginalize_nuts"):
+        result = case[key]
+        assert result["min_ess"] > 0 and math.isfinite(result["seconds_to_400_ess"])
+        assert set(result["mean"]) == {"mu", "phi", "sigma"}
+        assert all(math.isfinite(value) for value in result["mean"].values())
+        assert all(value > 0 for value in result["sd"].values())
+    assert math.isfinite(case["time_to_400_ess_ratio"]) and case["time_to_400_ess_ratio"] > 0
+    assert "marginalize + NUTS" in table
