@@ -26,9 +26,11 @@ size), which is what log-normal noise expresses. (The paper used Poisson emissio
 counts.) The likelihood of the six parameters is the diffusion particle filter; NUTS (dense
 mass matrix) samples its fixed-noise surrogate posterior, starting from a short SVI fit.
 
-The figure shows the filtered populations and a filtered predictive band for the pelt records,
-mixed over the posterior, over the data points, and each parameter's posterior against its
-prior.
+The last `--holdout` years are held out of the fit. The figure shows, mixed over the posterior,
+the smoothed populations (posterior paths from `sample_latent_paths`: FFBSi paths given all
+fitted records, one per posterior draw), a filtered predictive band for the pelt records over
+the fitted years, a forecast band for the held-out records, and each parameter's posterior
+against its prior.
 
     python examples/lotka_volterra.py [--num-particles 64] [--num-samples 300]
 """
@@ -125,7 +127,9 @@ def state_space_model(
     )
 
 
-def model(pelts, num_particles=64, substeps=DEFAULT_SUBSTEPS, record=False):
+def model(
+    pelts, num_particles=64, substeps=DEFAULT_SUBSTEPS, record=False, predict=False, horizon=0
+):
     """Priors on the six parameters and the particle-filter likelihood of the records.
 
     A missing record is put in front of the data, so the filter's first state is the year
@@ -135,18 +139,20 @@ def model(pelts, num_particles=64, substeps=DEFAULT_SUBSTEPS, record=False):
 
     The classical predation rates are recorded as deterministic sites:
     `beta` $= \\alpha / v^*$ and `delta` $= \\gamma / u^*$.
+
+    With `predict=True` (for `Predictive` only) a smoothed log-population path (one more row
+    than `pelts`, as above) and a `horizon`-year forecast are recorded.
     """
     values = {name: numpyro.sample(name, prior) for name, prior in PRIORS.items()}
     numpyro.deterministic("beta", values["alpha"] / values["lynx_equilibrium"])
     numpyro.deterministic("delta", values["gamma"] / values["hare_equilibrium"])
     padded = jnp.concatenate([jnp.full((1, pelts.shape[1]), jnp.nan, pelts.dtype), pelts])
-    ndr.particle_factor(
-        "pelts",
-        state_space_model(**values, substeps=substeps),
-        padded,
-        num_particles=num_particles,
-        record=record,
-    )
+    ssm = state_space_model(**values, substeps=substeps)
+    ndr.particle_factor("pelts", ssm, padded, num_particles=num_particles, record=record)
+    if predict:
+        ndr.sample_latent_paths(
+            "log_population", ssm, padded, num_particles=num_particles, num_steps_ahead=horizon
+        )
 
 
 def main(argv=None):
@@ -160,6 +166,7 @@ def main(argv=None):
     parser.add_argument("--num-warmup", type=int, default=200)
     parser.add_argument("--num-samples", type=int, default=300)
     parser.add_argument("--num-filtered", type=int, default=100, help="posterior draws to filter")
+    parser.add_argument("--holdout", type=int, default=4, help="final years held out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--no-progress", action="store_true")
@@ -172,7 +179,12 @@ def main(argv=None):
 
     args.out.mkdir(parents=True, exist_ok=True)
     svi_key, nuts_key, filter_key, band_key = jax.random.split(jax.random.PRNGKey(args.seed), 4)
-    years, pelts_np = load_data()
+    all_years, all_pelts = load_data()
+    years, pelts_np = (
+        all_years[: len(all_years) - args.holdout],
+        all_pelts[: len(all_years) - args.holdout],
+    )
+    held_out_years, held_out = all_years[len(years) :], all_pelts[len(years) :]
     pelts = jnp.asarray(pelts_np, jnp.float32)
     settings = {"num_particles": args.num_particles, "substeps": args.substeps}
     print(
@@ -227,9 +239,11 @@ def main(argv=None):
     # (and adding the observation noise) gives population and pelt-record bands.
     stride = max(1, args.num_samples // args.num_filtered)
     thinned = {k: v[::stride] for k, v in samples.items()}
-    filtered = Predictive(
-        model, thinned, return_sites=["pelts_filtered_mean", "pelts_filtered_variance"]
-    )(filter_key, pelts, record=True, **settings)
+    sites = ["pelts_filtered_mean", "pelts_filtered_variance", "log_population_states"]
+    sites += ["log_population_forecast_observations"]
+    filtered = Predictive(model, thinned, return_sites=sites)(
+        filter_key, pelts, record=True, predict=True, horizon=args.holdout, **settings
+    )
     # Row 0 is the year before the first record (see `model`).
     means = np.asarray(filtered["pelts_filtered_mean"])[:, 1:]
     scales = np.sqrt(np.asarray(filtered["pelts_filtered_variance"]))[:, 1:]
@@ -244,6 +258,20 @@ def main(argv=None):
     inside = (pelts_np >= record_bands[0]) & (pelts_np <= record_bands[1])
     results["record_coverage"] = float(inside.mean())
     print(f"90% filtered predictive band covers {100 * inside.mean():.0f}% of the records")
+    # Smoothed populations (row 0 is the padding year) and the forecast of held-out records.
+    smoothed_bands = np.percentile(
+        np.exp(np.asarray(filtered["log_population_states"])[:, 1:]), [5, 50, 95], axis=0
+    )
+    if args.holdout > 0:
+        forecast_bands = np.percentile(
+            np.asarray(filtered["log_population_forecast_observations"]), [5, 50, 95], axis=0
+        )
+        covered = (held_out >= forecast_bands[0]) & (held_out <= forecast_bands[2])
+        results["forecast_coverage"] = float(covered.mean())
+        print(
+            f"90% forecast band covers {100 * covered.mean():.0f}% of the "
+            f"{2 * args.holdout} held-out records ({held_out_years[0]}-{held_out_years[-1]})"
+        )
 
     fig = plt.figure(figsize=(13, 7.5))
     grid = fig.add_gridspec(2, 6, height_ratios=[1.6, 1.0])
@@ -259,24 +287,50 @@ def main(argv=None):
         )
         ax.fill_between(
             years,
-            population_bands[0, :, column],
-            population_bands[2, :, column],
+            smoothed_bands[0, :, column],
+            smoothed_bands[2, :, column],
             color=color,
             alpha=0.35,
-            label="90% band for the population",
+            label="90% band for the population (smoothed)",
+        )
+        ax.plot(
+            years,
+            smoothed_bands[1, :, column],
+            color=color,
+            lw=1.5,
+            label="smoothed population (median)",
         )
         ax.plot(
             years,
             population_bands[1, :, column],
             color=color,
-            lw=1.5,
+            lw=1,
+            ls=":",
             label="filtered population (median)",
         )
         ax.plot(years, pelts_np[:, column], "ko", ms=4, label="pelt records")
+        if args.holdout > 0:
+            ax.fill_between(
+                held_out_years,
+                forecast_bands[0, :, column],
+                forecast_bands[2, :, column],
+                color="tab:red",
+                alpha=0.2,
+                label="90% forecast band for the records",
+            )
+            ax.plot(held_out_years, forecast_bands[1, :, column], color="tab:red", lw=1)
+            ax.plot(
+                held_out_years,
+                held_out[:, column],
+                "x",
+                color="tab:red",
+                ms=6,
+                label="held-out records",
+            )
         ax.set_xlabel("year")
         ax.set_ylabel(f"{name} (thousands of pelts)")
-        ax.set_title(f"{name}: filtered given the records up to each year", fontsize=10)
-        ax.set_xticks(years[::4])
+        ax.set_title(f"{name}: smoothed given the fitted records, then forecast", fontsize=10)
+        ax.set_xticks(all_years[::4])
         ax.legend(fontsize=8, loc="upper left")
     for column, (name, prior) in enumerate(PRIORS.items()):
         ax = fig.add_subplot(grid[1, column])

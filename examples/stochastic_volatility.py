@@ -14,9 +14,12 @@ the diffusion particle filter (`ndr.particle_factor`). Fitting goes in two stage
    so NUTS samples the smooth fixed-noise surrogate posterior; starting near the mode spares
    warm-up most of its search.
 
-The figure shows the SVI and NUTS posteriors against the true values, and the filtered
+The figure shows the SVI and NUTS posteriors against the true values; the filtered
 log-volatility (posterior mixture of the filtering distributions, recorded with
-`particle_factor(..., record=True)`) against the true path. Runs in float32.
+`particle_factor(..., record=True)`) and the smoothed one (posterior paths from
+`sample_latent_paths`, one FFBSi path per posterior draw, so the band integrates over the
+parameters) against the true path; and a forecast band for the log-volatility and the returns
+over `--horizon` held-out steps. Runs in float32.
 
     python examples/stochastic_volatility.py [--num-steps 100] [--num-particles 64]
 """
@@ -57,8 +60,12 @@ def state_space_model(mu, phi, sigma):
     )
 
 
-def model(returns, num_particles=64, record=False):
-    """Priors on (mu, phi, sigma) and the particle-filter likelihood of the returns."""
+def model(returns, num_particles=64, record=False, predict=False, horizon=0):
+    """Priors on (mu, phi, sigma) and the particle-filter likelihood of the returns.
+
+    With `predict=True` (for `Predictive` only: under MCMC the sites would be recomputed at
+    every draw) a smoothed log-volatility path and a `horizon`-step forecast are recorded.
+    """
     mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
     # (phi + 1) / 2 ~ Beta(10, 1.5): persistent volatility is a priori likely (mean 0.74).
     phi = numpyro.sample(
@@ -70,13 +77,16 @@ def model(returns, num_particles=64, record=False):
         ),
     )
     sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
-    ndr.particle_factor(
-        "returns",
-        state_space_model(mu, phi, sigma),
-        returns,
-        num_particles=num_particles,
-        record=record,
-    )
+    ssm = state_space_model(mu, phi, sigma)
+    ndr.particle_factor("returns", ssm, returns, num_particles=num_particles, record=record)
+    if predict:
+        ndr.sample_latent_paths(
+            "log_volatility",
+            ssm,
+            returns,
+            num_particles=num_particles,
+            num_steps_ahead=horizon,
+        )
 
 
 def main(argv=None):
@@ -88,6 +98,7 @@ def main(argv=None):
     parser.add_argument("--num-warmup", type=int, default=200)
     parser.add_argument("--num-samples", type=int, default=300)
     parser.add_argument("--num-filtered", type=int, default=100, help="posterior draws to filter")
+    parser.add_argument("--horizon", type=int, default=10, help="held-out steps to forecast")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--no-progress", action="store_true")
@@ -102,7 +113,11 @@ def main(argv=None):
     data_key, svi_key, guide_key, nuts_key, filter_key = jax.random.split(
         jax.random.PRNGKey(args.seed), 5
     )
-    states, returns = ndr.simulate(data_key, state_space_model(**TRUE), args.num_steps)
+    all_states, all_returns = ndr.simulate(
+        data_key, state_space_model(**TRUE), args.num_steps + args.horizon
+    )
+    states, returns = all_states[: args.num_steps], all_returns[: args.num_steps]
+    held_out_states, held_out = all_states[args.num_steps :], all_returns[args.num_steps :]
     print(f"Stochastic volatility, T={args.num_steps}, N={args.num_particles} (float32).")
 
     guide = AutoNormal(model, init_loc_fn=init_to_median)
@@ -151,9 +166,16 @@ def main(argv=None):
     # Filtering distributions at posterior draws; their mixture gives the band.
     stride = max(1, args.num_samples // args.num_filtered)
     thinned = {k: v[::stride] for k, v in samples.items()}
-    filtered = Predictive(
-        model, thinned, return_sites=["returns_filtered_mean", "returns_filtered_variance"]
-    )(filter_key, returns, num_particles=args.num_particles, record=True)
+    sites = ["returns_filtered_mean", "returns_filtered_variance", "log_volatility_states"]
+    sites += ["log_volatility_forecast", "log_volatility_forecast_observations"]
+    filtered = Predictive(model, thinned, return_sites=sites)(
+        filter_key,
+        returns,
+        num_particles=args.num_particles,
+        record=True,
+        predict=True,
+        horizon=args.horizon,
+    )
     means = np.asarray(filtered["returns_filtered_mean"])
     variances = np.asarray(filtered["returns_filtered_variance"])
     center = means.mean(0)
@@ -165,6 +187,26 @@ def main(argv=None):
     print(
         f"filtered log-volatility: RMSE {results['filtered_rmse']:.3f} against the true path, "
         f"95% band covers {100 * results['coverage']:.0f}% of it"
+    )
+    # Smoothed paths (one per posterior draw) and forecasts: bands from their quantiles.
+    smoothed = np.asarray(filtered["log_volatility_states"])
+    smoothed_band = np.percentile(smoothed, [2.5, 50, 97.5], axis=0)
+    results["smoothed_rmse"] = float(np.sqrt(np.mean((smoothed.mean(0) - true_path) ** 2)))
+    results["smoothed_coverage"] = float(
+        np.mean((true_path >= smoothed_band[0]) & (true_path <= smoothed_band[2]))
+    )
+    future_states = np.asarray(filtered["log_volatility_forecast"])
+    future_returns = np.asarray(filtered["log_volatility_forecast_observations"])
+    state_forecast_band = np.percentile(future_states, [5, 50, 95], axis=0)
+    return_forecast_band = np.percentile(future_returns, [5, 95], axis=0)
+    held_out = np.asarray(held_out)
+    results["forecast_coverage"] = float(
+        np.mean((held_out >= return_forecast_band[0]) & (held_out <= return_forecast_band[1]))
+    )
+    print(
+        f"smoothed log-volatility: RMSE {results['smoothed_rmse']:.3f}, 95% band covers "
+        f"{100 * results['smoothed_coverage']:.0f}% of the true path; the 90% forecast band "
+        f"covers {100 * results['forecast_coverage']:.0f}% of the {args.horizon} held-out returns"
     )
 
     fig = plt.figure(figsize=(12, 8))
@@ -181,17 +223,41 @@ def main(argv=None):
         ax.set_ylabel("posterior density")
     fig.axes[0].legend(fontsize=8)
     times = np.arange(args.num_steps)
+    ahead = np.arange(args.num_steps, args.num_steps + args.horizon)
     ax = fig.add_subplot(grid[1, :])
     ax.plot(times, returns, color="0.3", lw=0.8)
+    ax.fill_between(
+        ahead, *return_forecast_band, color="tab:red", alpha=0.25, label="90% forecast band"
+    )
+    ax.plot(ahead, held_out, "o", color="tab:red", ms=3, label="held-out returns")
     ax.set_ylabel("return y_t")
-    ax.set_title("simulated returns", fontsize=10)
+    ax.set_title("simulated returns and the forecast of held-out ones", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
     ax = fig.add_subplot(grid[2, :], sharex=ax)
-    ax.fill_between(times, lower, upper, alpha=0.3, label="95% filtering band (posterior mixture)")
-    ax.plot(times, center, lw=1.5, label="filtered mean")
+    ax.fill_between(times, lower, upper, alpha=0.2, label="95% filtering band (posterior mixture)")
+    ax.fill_between(
+        times,
+        smoothed_band[0],
+        smoothed_band[2],
+        color="tab:green",
+        alpha=0.3,
+        label="95% smoothed band (posterior paths)",
+    )
+    ax.plot(times, smoothed_band[1], color="tab:green", lw=1.5, label="smoothed median")
+    ax.fill_between(
+        ahead,
+        state_forecast_band[0],
+        state_forecast_band[2],
+        color="tab:red",
+        alpha=0.25,
+        label="90% forecast band",
+    )
     ax.plot(times, true_path, "k--", lw=1, label="true log-volatility")
+    ax.plot(ahead, np.asarray(held_out_states), "k:", lw=1)
     ax.set_xlabel("time step t")
     ax.set_ylabel("log-volatility x_t")
     ax.legend(fontsize=8, ncol=3, loc="upper left")
+    ax.axvline(args.num_steps - 0.5, color="0.5", lw=0.8)
     fig.suptitle(
         f"Stochastic volatility (T={args.num_steps}, diffusion PF with N={args.num_particles}):"
         " SVI, then NUTS from the SVI median"

@@ -14,8 +14,9 @@ from numpyro_diffres.linear_gaussian import (
     linear_gaussian,
 )
 from numpyro_diffres.marginalize import marginalize
-from numpyro_diffres.primitives import particle_factor, sample_trajectory
+from numpyro_diffres.primitives import particle_factor, sample_latent_paths, sample_trajectory
 from numpyro_diffres.samplers import BlackjaxInfo, BlackjaxResult, blackjax_nuts, to_inference_data
+from numpyro_diffres.smoothing import forecast, particle_smoother
 from numpyro_diffres.ssm import StateSpaceModel, simulate
 
 __all__ = [
@@ -27,13 +28,16 @@ __all__ = [
     "blackjax_nuts",
     "dense_log_likelihood",
     "diagnostics",
+    "forecast",
     "kalman_filtered_moments",
     "kalman_log_likelihood",
     "linear_gaussian",
     "marginalize",
     "particle_factor",
     "particle_filter",
+    "particle_smoother",
     "resampling",
+    "sample_latent_paths",
     "sample_trajectory",
     "simulate",
     "to_inference_data",

@@ -76,7 +76,8 @@ def test_stochastic_volatility(tmp_path):
     )
     assert -1 < results["phi_mean"] < 1 and -1 < results["phi_svi"] < 1
     assert results["sigma_mean"] > 0
-    assert 0 <= results["coverage"] <= 1
+    for name in ("coverage", "smoothed_coverage", "forecast_coverage"):
+        assert 0 <= results[name] <= 1
 
 
 def test_lotka_volterra(tmp_path):
@@ -91,6 +92,7 @@ def test_lotka_volterra(tmp_path):
         assert results[f"{name}_mean"] > 0
     assert results["beta_mean"] > 0 and results["delta_mean"] > 0
     assert 0 <= results["record_coverage"] <= 1
+    assert 0 <= results["forecast_coverage"] <= 1
 
 
 def test_lotka_volterra_data():
