@@ -14,6 +14,11 @@ the model unchanged. Which noise the filter uses decides what inference targets:
   particle ELBO surrogate.
 * Without a seed handler (e.g. `numpyro.infer.log_likelihood`, which `az.from_numpyro` calls)
   there is no key: a fixed default key is used, so the call never fails.
+
+Many series: inside `numpyro.plate("series", S)` (parameters drawn there have shape `(S,)`)
+`particle_factor` takes observations `(S, T, ...)` and runs the $S$ independent filters as
+one batched filter (one trace, one compilation), each series with its own noise from the one
+key; the factor then has shape `(S, T)`.
 """
 
 import warnings
@@ -21,14 +26,16 @@ import warnings
 import jax
 import numpyro
 from jax.typing import DTypeLike
+from numpyro.distributions.distribution import Unit
 
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.checks import check_key, check_name
+from numpyro_diffres.checks import check_count, check_key, check_name
 from numpyro_diffres.filtering import FilterResult, particle_filter
 from numpyro_diffres.resampling import Resampler
+from numpyro_diffres.smoothing import forecast, particle_smoother
 from numpyro_diffres.ssm import StateSpaceModel, simulate
 
-__all__ = ["particle_factor", "sample_trajectory"]
+__all__ = ["particle_factor", "sample_latent_paths", "sample_trajectory"]
 
 DEFAULT_SEED = 0
 
@@ -57,6 +64,7 @@ def particle_factor(
     record: bool = False,
     particle_sharding: jax.sharding.Sharding | None = None,
     dtype: DTypeLike | None = None,
+    series_sharding: jax.sharding.NamedSharding | None = None,
 ) -> FilterResult:
     """Add a particle-filter log-likelihood to the enclosing NumPyro model.
 
@@ -67,6 +75,14 @@ def particle_factor(
     Key semantics: an explicit `key` wins; otherwise `numpyro.prng_key()` (fresh per SVI step,
     fixed under NUTS: the fixed-noise surrogate described in the module docstring); otherwise,
     with no seed handler, the fixed key `jax.random.PRNGKey(0)`.
+
+    Many series: called inside `numpyro.plate("series", S)` (or nested plates of shape $B$,
+    laid out by their `dim`s as NumPyro broadcasts parameters), the model's callables close
+    over parameters with a leading series axis and describe the stack of all series' states
+    (see `StateSpaceModel.check`), `observations` have shape `(*B, T, *observation_shape)`
+    (shorter series NaN-padded at the end), and one batched filter runs every series with
+    its own noise. The factor has shape `(*B, T)`: per-series, per-time terms for
+    `log_likelihood` and ArviZ (the plates do not broadcast it).
 
     Args:
         name: site name of the factor; must be unique in the model.
@@ -84,16 +100,21 @@ def particle_factor(
             `particle_filter`.
         dtype: optional floating dtype of the particles, e.g. `jnp.float32` to run the filter
             in single precision while NUTS works in float64; see `particle_filter`.
+        series_sharding: optional sharding of the series axis across devices (inside a
+            plate); see `particle_filter`.
 
     Returns:
-        The `FilterResult`, for further use in the model.
+        The `FilterResult`, for further use in the model (series-first inside a plate).
 
     Raises:
         TypeError: `name` is not a string, `key` is not a PRNG key, or `resampler` is not
             callable.
-        ValueError: observations that do not fit the emission, bad `num_particles`.
+        ValueError: observations that do not fit the emission or the enclosing plates, a
+            subsampled plate, bad `num_particles`.
     """
     check_name(name)
+    plates = _enclosing_plates()
+    batch_shape = _plate_shape(name, plates, observations)
     key = _resolve_key(key)
     result = particle_filter(
         key,
@@ -104,13 +125,71 @@ def particle_factor(
         ess_threshold=ess_threshold,
         particle_sharding=particle_sharding,
         dtype=dtype,
+        batch_shape=batch_shape,
+        series_sharding=series_sharding,
     )
-    numpyro.factor(name, result.log_likelihood_increments)
+    if plates:
+        # The increments are laid out (*series, T); the plates must not broadcast them
+        # against their own dims (NumPyro's `block_plates`, as in its reparametrisers).
+        unit = Unit(result.log_likelihood_increments)
+        numpyro.sample(
+            name,
+            unit,
+            obs=unit.sample(None),
+            infer={"is_auxiliary": True, "block_plates": [plate.name for plate in plates]},
+        )
+    else:
+        numpyro.factor(name, result.log_likelihood_increments)
     if record:
         numpyro.deterministic(f"{name}_filtered_mean", result.filtered_mean)
         numpyro.deterministic(f"{name}_filtered_variance", result.filtered_variance)
         numpyro.deterministic(f"{name}_ess", result.ess)
     return result
+
+
+def _enclosing_plates() -> list[numpyro.plate]:
+    """The `numpyro.plate`s around the current call, outermost first."""
+    from numpyro.primitives import _PYRO_STACK  # NumPyro's handler stack; read only.
+
+    return [handler for handler in _PYRO_STACK if isinstance(handler, numpyro.plate)]
+
+
+def _plate_shape(name: str, plates: list[numpyro.plate], observations: Array) -> tuple[int, ...]:
+    """The series shape the plates give (as NumPyro lays out their dims); checks the data."""
+    if not plates:
+        return ()
+    described = ", ".join(
+        f"numpyro.plate({plate.name!r}, {plate.size}, dim={plate.dim})" for plate in plates
+    )
+    subsampled = [plate.name for plate in plates if plate.subsample_size != plate.size]
+    if subsampled:
+        raise ValueError(
+            f"particle_factor({name!r}) is inside the subsampled plate(s) {subsampled}: "
+            "subsampling series is not supported; use the full plate (subsample_size=None)."
+        )
+    shape = [1] * max(-plate.dim for plate in plates)
+    for plate in plates:
+        shape[plate.dim] = plate.size
+    shape = tuple(shape)
+    observed = tuple(getattr(observations, "shape", ()))
+    over_time = (
+        "If a plate is over time, call particle_factor outside it: the filter runs over "
+        "time itself; the plate belongs over series."
+    )
+    if observed[: len(shape)] != shape or len(observed) < len(shape) + 1:
+        raise ValueError(
+            f"particle_factor({name!r}) is inside {described}, so it runs one filter per "
+            f"series and observations must have shape "
+            f"({', '.join(str(size) for size in shape)}, T, *observation_shape) "
+            f"(the series axes as the plates lay them out, then time); got {observed}. "
+            f"Make the plate size match the number of series in the data. {over_time}"
+        )
+    if observed[len(shape)] == 1:
+        raise ValueError(
+            f"particle_factor({name!r}) is inside {described} and observations {observed} "
+            f"give every series a single time step. {over_time}"
+        )
+    return shape
 
 
 def sample_trajectory(
@@ -136,3 +215,90 @@ def sample_trajectory(
     numpyro.deterministic(f"{name}_states", states)
     numpyro.deterministic(f"{name}_observations", observations)
     return states, observations
+
+
+def sample_latent_paths(
+    name: str,
+    model: StateSpaceModel,
+    observations: Array,
+    *,
+    num_particles: int,
+    num_paths: int = 1,
+    num_steps_ahead: int = 0,
+    key: PRNGKey | None = None,
+    method: str = "backward",
+    resampler: Resampler | None = None,
+    dtype: DTypeLike | None = None,
+) -> tuple[Array, Array | None, Array | None]:
+    """Record smoothed latent paths (and forecasts) as deterministic sites.
+
+    Records `{name}_states`, drawn by `smoothing.particle_smoother`, and with
+    `num_steps_ahead = H > 0` also `{name}_forecast` (states) and
+    `{name}_forecast_observations`, drawn by `smoothing.forecast`. Shapes: `(T, *state_shape)`
+    and `(H, ...)` when `num_paths == 1` (the default), else with a leading `num_paths` axis.
+    Under `Predictive(model, posterior_samples)` each posterior draw gets a fresh key from the
+    seed handler, so the recorded paths are draws from the posterior of the hidden path
+    integrated over the parameters, $p(x_{0:T-1} \\mid y)$, and of the forecast.
+
+    These sites add nothing to the log density, but NumPyro's MCMC replays the model once per
+    kept draw whenever it has deterministic sites (to record them), with one fixed key. Switch
+    them on only for `Predictive`, e.g. with a model argument:
+
+        def model(y, predict=False):
+            ...
+            ndr.particle_factor("y", ssm, y, num_particles=64)
+            if predict:
+                ndr.sample_latent_paths("x", ssm, y, num_particles=256, num_steps_ahead=10)
+
+        Predictive(model, mcmc.get_samples())(key, y, predict=True)
+
+    The potential that NUTS differentiates is the same with or without the sites (XLA drops
+    the unused smoother from the compiled potential).
+
+    Args:
+        name: prefix of the site names.
+        model: the state-space model, built from the sampled parameters.
+        observations: `(T, *observation_shape)`; NaN rows are missing.
+        num_particles: $N$ of the smoother's forward filter (index resampling; see
+            `particle_smoother`).
+        num_paths: paths per call (per posterior draw under `Predictive`).
+        num_steps_ahead: forecast horizon $H$; 0 records no forecast.
+        key: optional explicit key (default: the seed handler's, else a fixed key).
+        method: `"backward"` (FFBSi) or `"genealogy"`.
+        resampler: index resampler of the forward filter (default systematic).
+        dtype: optional floating dtype of the states.
+
+    Returns:
+        `(states, forecast_states, forecast_observations)`; the last two are None when
+        `num_steps_ahead == 0`.
+
+    Raises:
+        TypeError: `name` is not a string, `key` is not a PRNG key, a count is not an int.
+        ValueError: a count below its minimum (`num_steps_ahead` below 0), an unknown
+            `method`, observations that do not fit the emission.
+    """
+    check_name(name)
+    num_paths = check_count("num_paths", num_paths, minimum=1)
+    num_steps_ahead = check_count("num_steps_ahead", num_steps_ahead, minimum=0)
+    smoother_key, forecast_key = jax.random.split(_resolve_key(key))
+    settings = {
+        "num_particles": num_particles,
+        "num_paths": num_paths,
+        "resampler": resampler,
+        "dtype": dtype,
+    }
+
+    def squeeze(values: Array) -> Array:
+        return values[0] if num_paths == 1 else values
+
+    states = squeeze(
+        particle_smoother(smoother_key, model, observations, method=method, **settings)
+    )
+    numpyro.deterministic(f"{name}_states", states)
+    if num_steps_ahead == 0:
+        return states, None, None
+    future, emitted = forecast(forecast_key, model, observations, num_steps_ahead, **settings)
+    future, emitted = squeeze(future), squeeze(emitted)
+    numpyro.deterministic(f"{name}_forecast", future)
+    numpyro.deterministic(f"{name}_forecast_observations", emitted)
+    return states, future, emitted

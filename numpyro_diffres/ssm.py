@@ -8,6 +8,7 @@ pfjax). The transition and emission callables are written for one particle; the 
 """
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +34,9 @@ class StateSpaceModel:
     Attributes:
         initial: distribution of $x_0$ (its `batch_shape + event_shape` is the state shape;
             `batch_shape` must be `()`: use `.to_event(1)` for a vector of independent
-            coordinates).
+            coordinates). For many series (`batch_shape` $B$ given to the filter, e.g.
+            inside `numpyro.plate("series", S)`), the batch shape is the series shape $B$
+            (or broadcasts to it) and the event shape is one series' state.
         transition: `transition(x, t)` returns the distribution of $x_t$ given
             $x_{t-1} = x$, for one particle; `t` is the integer time index (1..T-1).
         emission: `emission(x, t)` returns the distribution of $y_t$ given $x_t = x$.
@@ -65,11 +68,22 @@ class StateSpaceModel:
         """Shape of one state, `initial.batch_shape + initial.event_shape`."""
         return tuple(self.initial.batch_shape) + tuple(self.initial.event_shape)
 
-    def check(self, observation_shape: tuple[int, ...] | None = None) -> "ModelInfo":
+    def check(
+        self,
+        observation_shape: tuple[int, ...] | None = None,
+        *,
+        batch_shape: tuple[int, ...] = (),
+    ) -> "ModelInfo":
         """Trace the callables once on abstract values and check their shapes.
 
         Args:
-            observation_shape: shape of one observation $y_t$, if known.
+            observation_shape: shape of one observation $y_t$ (of one series), if known.
+            batch_shape: the series shape $B$ of a model for many series, `()` for one.
+                With $B$, a "particle" is the stack `(*B, *state_shape)` of every series'
+                state: `initial` must have `batch_shape` $B$ (or one that broadcasts to it,
+                e.g. `()` for a prior shared by all series), `transition(x, t)` and
+                `emission(x, t)` must have `batch_shape` exactly $B$, and the event shapes
+                are one series' state and observation.
 
         Returns:
             `ModelInfo` with the state and observation shapes, the state dtype and whether the
@@ -78,6 +92,8 @@ class StateSpaceModel:
         Raises:
             ValueError: inconsistent shapes, with what to change.
         """
+        if batch_shape:
+            return self._check_series(observation_shape, tuple(batch_shape))
         _check_scalar_batch("initial", self.initial)
         state_shape = self.state_shape
         state = jax.ShapeDtypeStruct(state_shape, _sample_dtype(self.initial))
@@ -107,6 +123,76 @@ class StateSpaceModel:
             state_dtype=state.dtype,
         )
 
+    def _check_series(
+        self, observation_shape: tuple[int, ...] | None, batch_shape: tuple[int, ...]
+    ) -> "ModelInfo":
+        initial_batch = tuple(self.initial.batch_shape)
+        if len(initial_batch) > len(batch_shape) or any(
+            size not in (1, target)
+            for size, target in zip(initial_batch[::-1], batch_shape[::-1], strict=False)
+        ):
+            raise ValueError(
+                f"For {_series_words(batch_shape)}, initial must have batch_shape "
+                f"{batch_shape} (one entry per series; or () when all series share it) and "
+                f"the state of ONE series as its event; got batch_shape {initial_batch} and "
+                f"event_shape {tuple(self.initial.event_shape)}. Declare the coordinates of "
+                "a series' state as one event (e.g. .to_event(1)) and give parameters one "
+                "leading axis per series."
+            )
+        state_shape = tuple(self.initial.event_shape)
+        particle = batch_shape + state_shape
+        state = jax.ShapeDtypeStruct(particle, _sample_dtype(self.initial))
+        time = jax.ShapeDtypeStruct((), jnp.int32)
+        found = {}
+        for name in ("transition", "emission"):
+            try:
+                found[name] = _probe(getattr(self, name), state, time)
+            except (ValueError, TypeError, IndexError) as error:
+                if isinstance(error, TypeError) and "must return a numpyro" in str(error):
+                    raise
+                raise ValueError(
+                    f"{name}(x, t) failed for a particle of shape {particle} (the states of "
+                    f"{_series_words(batch_shape)}, each of shape {state_shape}): {error} "
+                    f"Parameters drawn in the series plate have shape {batch_shape}; to combine "
+                    f"them with a state of event shape {state_shape}, index them as "
+                    f"param[..., {', '.join(['None'] * len(state_shape)) or '...'}]."
+                ) from error
+            found_shape = tuple(found[name]["batch_shape"])
+            if found_shape != batch_shape:
+                raise ValueError(
+                    f"For {_series_words(batch_shape)}, {name}(x, t) must have batch_shape "
+                    f"{batch_shape} (the series) and the event of ONE series; got batch_shape "
+                    f"{found_shape} and event_shape {tuple(found[name]['event_shape'])}. "
+                    "Check that its parameters have one leading axis per series (or none) "
+                    "and declare the coordinates of one series as the event (.to_event)."
+                )
+        transition_shape = tuple(found["transition"]["event_shape"])
+        if transition_shape != state_shape:
+            raise ValueError(
+                f"transition(x, t) returns a distribution over a series' state of shape "
+                f"{transition_shape}, but the initial state of a series has shape "
+                f"{state_shape}; they must agree."
+            )
+        emission_shape = tuple(found["emission"]["event_shape"])
+        if observation_shape is not None and tuple(observation_shape) != emission_shape:
+            raise ValueError(
+                f"observations have per-series, per-time shape {tuple(observation_shape)} but "
+                f"emission(x, t) is a distribution over shape {emission_shape} per series; "
+                f"observations must have shape (*{batch_shape}, T, *{emission_shape})."
+            )
+        return ModelInfo(
+            state_shape=state_shape,
+            observation_shape=emission_shape,
+            transition_has_rsample=bool(found["transition"]["has_rsample"]),
+            initial_has_rsample=bool(self.initial.has_rsample),
+            state_dtype=state.dtype,
+            batch_shape=batch_shape,
+        )
+
+
+def _series_words(batch_shape: tuple[int, ...]) -> str:
+    return f"{math.prod(batch_shape)} series (batch_shape {batch_shape})"
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
@@ -117,6 +203,7 @@ class ModelInfo:
     transition_has_rsample: bool
     initial_has_rsample: bool
     state_dtype: Any = None
+    batch_shape: tuple[int, ...] = ()
 
 
 def _sample_dtype(distribution: Distribution) -> Any:

@@ -1,0 +1,351 @@
+"""Many series in one model: `particle_factor` under `numpyro.plate("series", S)`.
+
+The hierarchical AR(1)-plus-noise model of `tests/numpyro/test_plate.py`: S series with a
+shared coefficient `phi` and emission scale `exp(log_r)`, series-level process-noise scales
+`q_s = exp(mu + tau z_s)` (non-centred partial pooling), guided (locally optimal) proposal,
+diffusion resampling with K = 4, float32 particles. Measured, by the shared protocol of
+`benchmarks/_common.py`:
+
+1. compile time of the model's potential and its gradient for S = 1, 10, 100 (one trace
+   whatever S: it should be flat in S) and the run time per value-and-gradient (linear in S);
+2. NUTS (300 warm-up + 400 draws, one chain) through `particle_factor` for S = 20, T = 50,
+   N = 64, next to NUTS on the exact likelihood (`kalman_log_likelihood` vmapped over series,
+   float64): wall times, and the particle posterior's mean shift (in exact posterior SDs) and
+   SD ratio for the statics.
+
+    python benchmarks/series.py                 # full run, writes benchmarks/results/series.*
+    python benchmarks/series.py --quick --out /tmp/s.json   # smoke test
+"""
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.infer import MCMC, NUTS, init_to_value
+from numpyro.infer.util import initialize_model
+
+import numpyro_diffres as ndr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    load_line,
+    markdown_table,
+    run_metadata,
+    time_call,
+    write_report,
+)
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "series.json"
+TRUE = {"phi": 0.8, "log_r": math.log(0.5), "mu": math.log(0.7), "tau": 0.3}
+GLOBALS = tuple(TRUE)
+
+
+def simulate_series(num_series: int, num_steps: int, seed: int = 0) -> np.ndarray:
+    """Observations `(S, T)` of the hierarchical model at `TRUE`."""
+    rng = np.random.default_rng(seed)
+    q = np.exp(TRUE["mu"] + TRUE["tau"] * rng.standard_normal(num_series))
+    x = rng.standard_normal(num_series)
+    rows = []
+    for t in range(num_steps):
+        if t:
+            x = TRUE["phi"] * x + q * rng.standard_normal(num_series)
+        rows.append(x + math.exp(TRUE["log_r"]) * rng.standard_normal(num_series))
+    return np.stack(rows, axis=1)
+
+
+def global_priors():
+    """The four shared parameters."""
+    phi = numpyro.sample("phi", dist.Uniform(-1.0, 1.0))
+    log_r = numpyro.sample("log_r", dist.Normal(TRUE["log_r"], 0.5))
+    mu = numpyro.sample("mu", dist.Normal(TRUE["mu"], 0.5))
+    tau = numpyro.sample("tau", dist.HalfNormal(0.5))
+    return phi, log_r, mu, tau
+
+
+def particle_model(observations, num_particles: int):
+    """The hierarchical model with one batched particle filter for all series."""
+    phi, log_r, mu, tau = global_priors()
+    r = jnp.exp(log_r)
+    with numpyro.plate("series", observations.shape[0]):
+        z = numpyro.sample("z", dist.Normal())
+        q = jnp.exp(mu + tau * z)
+        variance = 1.0 / (1.0 / q**2 + 1.0 / r**2)
+        model = ndr.StateSpaceModel(
+            initial=dist.Normal(0.0, 1.0),
+            transition=lambda x, t: dist.Normal(phi * x, q),
+            emission=lambda x, t: dist.Normal(x, r),
+            proposal=lambda x, t, y: dist.Normal(
+                variance * (phi * x / q**2 + y / r**2), jnp.sqrt(variance)
+            ),
+        )
+        ndr.particle_factor(
+            "y",
+            model,
+            observations,
+            num_particles=num_particles,
+            resampler=ndr.resampling.diffusion(num_steps=4),
+            dtype=jnp.float32,
+        )
+
+
+def exact_model(observations):
+    """The same model with the exact per-series Kalman log-likelihoods."""
+    phi, log_r, mu, tau = global_priors()
+    with numpyro.plate("series", observations.shape[0]):
+        z = numpyro.sample("z", dist.Normal())
+        q = jnp.exp(mu + tau * z)
+        eye = jnp.eye(1)
+
+        def one(q_s, y_s):
+            params = ndr.LinearGaussianParams(
+                jnp.zeros(1), eye, phi * eye, q_s**2 * eye, eye, jnp.exp(2 * log_r) * eye
+            )
+            return ndr.kalman_log_likelihood(params, y_s[:, None])
+
+        numpyro.factor("y", jax.vmap(one)(q, observations))
+
+
+def potential_timing(num_series: int, num_steps: int, num_particles: int) -> dict:
+    """Compile time and median time of one value-and-gradient of the potential."""
+    observations = jnp.asarray(simulate_series(num_series, num_steps), jnp.float32)
+    info = initialize_model(
+        jax.random.PRNGKey(0),
+        particle_model,
+        model_args=(observations, num_particles),
+    )
+    timing = time_call(jax.value_and_grad(info.potential_fn), (info.param_info.z,), repeats=3)
+    value = float(timing.output[0])
+    return {
+        "num_series": num_series,
+        "compile_seconds": timing.compile,
+        "gradient_seconds": timing.median,
+        "runs": timing.runs,
+        "potential_finite": math.isfinite(value),
+    }
+
+
+def run_nuts(
+    model, observations, args: tuple, num_warmup: int, num_samples: int, seed: int, **kwargs
+):
+    mcmc = MCMC(
+        NUTS(model, **kwargs),
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        num_chains=1,
+        progress_bar=False,
+    )
+    start = time.perf_counter()
+    mcmc.run(jax.random.PRNGKey(seed), observations, *args, extra_fields=("num_steps", "diverging"))
+    samples = jax.block_until_ready(mcmc.get_samples())
+    seconds = time.perf_counter() - start
+    extra = mcmc.get_extra_fields()
+    return (
+        {name: np.asarray(value) for name, value in samples.items()},
+        {
+            "seconds": seconds,
+            "mean_leapfrog_steps": float(np.mean(extra["num_steps"])),
+            "divergences": int(np.sum(extra["diverging"])),
+        },
+        mcmc,
+    )
+
+
+def nuts_comparison(options: argparse.Namespace) -> dict:
+    data = simulate_series(options.nuts_series, options.num_steps, seed=0)
+    with jax.enable_x64(True):
+        exact, exact_run, exact_mcmc = run_nuts(
+            exact_model, jnp.asarray(data), (), options.num_warmup, options.num_samples, seed=1
+        )
+        mass = exact_mcmc.last_state.adapt_state.inverse_mass_matrix
+        mass = {key: np.asarray(value, np.float32).reshape(-1) for key, value in mass.items()}
+    warm = {}
+    if options.warm_start:
+        # The machine is shared: start at the exact posterior mean with the exact run's
+        # diagonal mass matrix, adapting only the step size (the chain still samples the
+        # fixed-noise particle posterior).
+        start = {name: jnp.asarray(exact[name].mean(0), jnp.float32) for name in exact}
+        warm = {
+            "inverse_mass_matrix": mass,
+            "adapt_mass_matrix": False,
+            "init_strategy": init_to_value(values=start),
+        }
+    particle, particle_run, _ = run_nuts(
+        particle_model,
+        jnp.asarray(data, jnp.float32),
+        (options.num_particles,),
+        options.particle_warmup,
+        options.num_samples,
+        seed=2,
+        **warm,
+    )
+    rows = []
+    columns = [(name, particle[name], exact[name]) for name in GLOBALS]
+    columns += [
+        (f"z[{s}]", particle["z"][:, s], exact["z"][:, s]) for s in range(options.nuts_series)
+    ]
+    for name, draws, exact_draws in columns:
+        exact_sd = float(exact_draws.std())
+        rows.append(
+            {
+                "parameter": name,
+                "particle_mean": float(draws.mean()),
+                "exact_mean": float(exact_draws.mean()),
+                "mean_shift_in_sd": float((draws.mean() - exact_draws.mean()) / exact_sd),
+                "sd_ratio": float(draws.std() / exact_sd),
+            }
+        )
+    return {"exact": exact_run, "particle": particle_run, "parameters": rows}
+
+
+def render(report: dict) -> str:
+    config = report["config"]
+    meta = report["meta"]
+    lines = [
+        "# Many series: particle_factor under numpyro.plate",
+        "",
+        "Machine SHARED with other engineers' jobs during this run (2 CPUs): "
+        + load_line(meta)
+        + " Timings are indicative only.",
+        "",
+        f"Hierarchical AR(1)-plus-noise model, T = {config['num_steps']}, "
+        f"N = {config['num_particles']} float32 particles, guided proposal, diffusion K = 4.",
+        "",
+        "## Compile and gradient time of the model's potential against S",
+        "",
+        "One batched filter: the compile time should not grow with S, the time per "
+        "value-and-gradient roughly linearly.",
+        "",
+        markdown_table(
+            ["S", "compile (s)", "value+grad (ms)", "ms per series", "runs"],
+            [
+                [
+                    row["num_series"],
+                    row["compile_seconds"],
+                    1e3 * row["gradient_seconds"],
+                    1e3 * row["gradient_seconds"] / row["num_series"],
+                    row["runs"],
+                ]
+                for row in report["potential"]
+            ],
+        ),
+        "",
+    ]
+    nuts = report.get("nuts")
+    if nuts:
+        lines += [
+            f"## NUTS, S = {config['nuts_series']}, {config['num_warmup']} warm-up + "
+            f"{config['num_samples']} draws, one chain",
+            "",
+            (
+                f"Particle chain warm-started ({config['particle_warmup']} warm-up steps "
+                "adapting the step size only, from the exact posterior mean with the exact "
+                "run's mass matrix): its time excludes the mass-matrix adaptation."
+                if config["warm_start"]
+                else f"Both chains with {config['num_warmup']} warm-up steps."
+            ),
+            "",
+            markdown_table(
+                ["likelihood", "wall (s)", "mean leapfrog steps", "divergences"],
+                [
+                    [name, run["seconds"], run["mean_leapfrog_steps"], run["divergences"]]
+                    for name, run in [
+                        ("particle_factor (batched)", nuts["particle"]),
+                        ("exact (Kalman, vmapped)", nuts["exact"]),
+                    ]
+                ],
+            ),
+            "",
+            "Particle posterior against the exact one (target: mean shift within 0.3 SD, "
+            "SD ratio within 0.7-1.3):",
+            "",
+            markdown_table(
+                ["parameter", "particle mean", "exact mean", "shift (SD)", "SD ratio"],
+                [
+                    [
+                        row["parameter"],
+                        row["particle_mean"],
+                        row["exact_mean"],
+                        row["mean_shift_in_sd"],
+                        row["sd_ratio"],
+                    ]
+                    for row in nuts["parameters"]
+                ],
+            ),
+            "",
+            f"Largest |shift|: {nuts['max_abs_shift']:.3f} SD; SD ratios in "
+            f"[{nuts['min_sd_ratio']:.3f}, {nuts['max_sd_ratio']:.3f}].",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke-test run")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path (.md beside)")
+    parser.add_argument("--skip-nuts", action="store_true", help="timings of the potential only")
+    parser.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="particle NUTS from the exact run's mean and mass matrix (step size adapted only)",
+    )
+    options = parser.parse_args(argv)
+    if options.quick:
+        options.series = [1, 4, 16]
+        options.num_steps, options.num_particles = 8, 8
+        options.nuts_series, options.num_warmup, options.num_samples = 3, 20, 20
+    else:
+        options.series = [1, 10, 100]
+        options.num_steps, options.num_particles = 50, 64
+        options.nuts_series, options.num_warmup, options.num_samples = 20, 300, 400
+    options.particle_warmup = (
+        100 if options.warm_start and not options.quick else options.num_warmup
+    )
+    return options
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark and write the JSON report and markdown table."""
+    options = parse_arguments(argv)
+    config = {
+        key: getattr(options, key)
+        for key in (
+            "quick",
+            "series",
+            "num_steps",
+            "num_particles",
+            "nuts_series",
+            "num_warmup",
+            "num_samples",
+            "warm_start",
+            "particle_warmup",
+        )
+    }
+    report = {"meta": run_metadata(), "config": config, "potential": []}
+    for num_series in options.series:
+        row = potential_timing(num_series, options.num_steps, options.num_particles)
+        report["potential"].append(row)
+        print(row, flush=True)
+    if not options.skip_nuts:
+        # The potential timings first, in case the NUTS part does not finish.
+        partial = {**report, "meta": dict(report["meta"])}
+        write_report(options.out, partial, render)
+        nuts = nuts_comparison(options)
+        shifts = [abs(row["mean_shift_in_sd"]) for row in nuts["parameters"]]
+        ratios = [row["sd_ratio"] for row in nuts["parameters"]]
+        nuts.update(max_abs_shift=max(shifts), min_sd_ratio=min(ratios), max_sd_ratio=max(ratios))
+        report["nuts"] = nuts
+    print(write_report(options.out, report, render))
+    return report
+
+
+if __name__ == "__main__":
+    main()
