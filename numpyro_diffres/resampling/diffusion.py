@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_diffres._typing import Array, PRNGKey
+from numpyro_diffres.checks import check_positive
 from numpyro_diffres.resampling.attention import attention, block_size
 from numpyro_diffres.resampling.base import (
-    check_positive,
     prepare,
     standard_draw,
     uniform_log_weights,
@@ -70,10 +70,35 @@ class Diffusion:
         scale = whitening_scale(weights, centered, self.jitter)
         if self.covariance == "diagonal" or (self.covariance == "auto" and flat.shape[1] == 1):
             return centered / scale, lambda z: mean + z * scale
+        n, d = flat.shape
         standardized = centered / scale
         correlation = (standardized * weights[:, None]).T @ standardized
-        correlation = correlation + self.jitter * jnp.eye(flat.shape[1], dtype=flat.dtype)
-        cholesky = jnp.linalg.cholesky(correlation)
+        correlation = 0.5 * (correlation + correlation.T)
+        eye = jnp.eye(d, dtype=flat.dtype)
+        # A cloud of effective size ESS spans at most ESS - 1 directions: with ESS near d or
+        # below, its correlation matrix is (nearly) singular and the derivative of its inverse
+        # factor explodes (measured: 4-D model, N = 64, ESS down to 1, scores of 1e9-1e11 where
+        # the exact one is -28). Shrinking towards the diagonal reference by d / (ESS + d), as
+        # d pseudo-observations of an identity correlation would, bounds its smallest
+        # eigenvalue by that share (4/5 at ESS = 1, d = 4) and moves a well-populated cloud's
+        # correlations by about d / ESS. The square of that share was measured too weak
+        # (scores of 1e9 again on the same model).
+        shrinkage = d / (1.0 / jnp.sum(weights**2) + d)
+        correlation = (1.0 - shrinkage) * correlation + shrinkage * eye
+        # Rank-deficient clouds (collinear particles, a collapsed coordinate, d >= N) have a
+        # singular correlation matrix, which rounding can make indefinite: each entry is off by
+        # about sqrt(N) eps (entries are at most 1), its eigenvalues by up to d times that. The
+        # floor keeps the smallest eigenvalue above that error in float32 (1e-6 alone is not:
+        # measured NaN at N = 64..512, d = 16..64); in float64 `jitter` is the larger one.
+        floor = max(self.jitter, 4.0 * d * math.sqrt(n) * float(jnp.finfo(flat.dtype).eps))
+        correlation = correlation + floor * eye
+        # Should rounding still defeat the floor, whiten this cloud diagonally (identity factor)
+        # rather than return NaN; the second `where` keeps the discarded branch's NaN out of
+        # the gradient.
+        factorizable = jax.lax.stop_gradient(
+            jnp.all(jnp.isfinite(jnp.linalg.cholesky(correlation)))
+        )
+        cholesky = jnp.linalg.cholesky(jnp.where(factorizable, correlation, eye))
         whitened = jax.scipy.linalg.solve_triangular(cholesky, standardized.T, lower=True).T
         return whitened, lambda z: mean + (z @ cholesky.T) * scale
 
@@ -107,8 +132,8 @@ class Diffusion:
         )
 
         # The attention's own reverse pass recomputes each softmax (block by block over the
-        # queries, memory O(B N)) instead of storing K N x N matrices: it is also faster than
-        # storing them at every N measured (64 to 1024; 3x at N = 512, K = 8).
+        # queries, memory O(B N)) instead of storing K N x N matrices: memory no longer grows
+        # with K, and it was never slower than storing them where both were measured.
         block = block_size(n, n)
 
         def step(z, inputs):
@@ -151,7 +176,7 @@ def diffusion(
             `"diagonal"` whitening by per-coordinate standard deviations, or `"auto"` (default):
             full for states with more than one coordinate, diagonal (the same map, cheaper)
             for one. The reverse integration starts from $N(0, I)$; after diagonal whitening
-            the cloud at the horizon still carries a share $e^{-2\lambda T_h}$ of its
+            the cloud at the horizon still carries a share $e^{-2\\lambda T_h}$ of its
             correlations, which the output then loses whatever $N$ (a biased gradient for
             correlated states: see `benchmarks/results/gradients.md`). Full whitening makes
             the cloud's covariance exactly $I$.
