@@ -1,6 +1,13 @@
 """Resamplers with one signature: `resampler(key, log_weights, particles)`.
 
 `diffusion` is the differentiable default; the others are the baselines it is compared with.
+`adaptive` and `gradient_decay` wrap any resampler.
+
+Build resamplers with the lower-case factories. The classes they return (`Diffusion`,
+`IndexResampler`, ...) are exported too, for one reason: to ask what a resampler is
+(`isinstance(r, resampling.IndexResampler)` tells whether a scheme is differentiable, and
+`OptimalTransport.solve` returns its `TransportInfo`). Their constructors take no checks: the
+factories are the public way to make one.
 """
 
 from numpyro_diffres.resampling.adaptive import adaptive
