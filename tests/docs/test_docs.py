@@ -76,6 +76,15 @@ def test_api_reference_documents_the_public_api(site):
         "primitives.particle_factor",
         "primitives.sample_trajectory",
         "linear_gaussian.kalman_log_likelihood",
+        "resampling.adaptive.adaptive",
+        "resampling.decay.gradient_decay",
+        "filtering.init",
+        "filtering.step",
+        "smoothing.particle_smoother",
+        "smoothing.forecast",
+        "primitives.sample_latent_paths",
+        "marginalize.marginalize",
+        "diagnostics.filter_surface",
     ):
         assert f'id="numpyro_diffres.{name}"' in html, name
 
