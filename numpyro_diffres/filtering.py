@@ -467,17 +467,12 @@ def run_filter(
     Returns:
         A `FilterResult`.
     """
+    batch_shape = tuple(batch_shape)
+    num_batch = len(batch_shape)
     if batch_shape:
-        return _run_filter_series(
-            key,
-            model,
-            observations,
-            num_particles=num_particles,
-            resampler=resampler,
-            constrain=constrain,
-            batch_shape=tuple(batch_shape),
-        )
-    missing, filled = fill_missing(observations)
+        missing, filled = _fill_missing_series(observations, batch_shape)
+    else:
+        missing, filled = fill_missing(observations)
     initial_key, steps_key = jax.random.split(key)
     state, first = init(
         initial_key, model, filled[0], num_particles=num_particles, missing=missing[0]
@@ -497,7 +492,7 @@ def run_filter(
             constrain=constrain,
         )
 
-    num_steps = observations.shape[0]
+    num_steps = filled.shape[0]
     keys = jax.random.split(steps_key, max(num_steps - 1, 0))
     times = jnp.arange(1, num_steps, dtype=jnp.int32)
     _, rest = jax.lax.scan(body, state, (keys, times, filled[1:], missing[1:]))
@@ -507,62 +502,29 @@ def run_filter(
     )
     # A -inf estimate has gradient zero (NUTS then rejects the point cleanly), rather than the
     # finite but meaningless gradient of the terms around the impossible step.
-    possible = jax.lax.stop_gradient(jnp.all(increments > -jnp.inf))
+    possible = jax.lax.stop_gradient(jnp.all(increments > -jnp.inf, axis=0))
     increments = jnp.where(possible, increments, jax.lax.stop_gradient(increments))
-    return FilterResult(jnp.sum(increments), increments, ess, mean, variance)
+    if batch_shape:
+        increments, ess, mean, variance = (
+            jnp.moveaxis(a, 0, num_batch) for a in (increments, ess, mean, variance)
+        )
+    return FilterResult(jnp.sum(increments, axis=-1), increments, ess, mean, variance)
 
 
-def _run_filter_series(
-    key: PRNGKey,
-    model: ParticleModel,
-    observations: Array,
-    *,
-    num_particles: int,
-    resampler: Resampler | None,
-    constrain: Constrain | None,
-    batch_shape: tuple[int, ...],
-) -> FilterResult:
+def _fill_missing_series(observations: Array, batch_shape: tuple[int, ...]) -> tuple[Array, Array]:
+    """`fill_missing` per series: masks `(T, *B)`, observations `(T, *B, *event)`.
+
+    One series' NaN padding must not touch another's observations, so each series is filled
+    with a valid row of its own.
+    """
     num_batch = len(batch_shape)
     num_steps = observations.shape[num_batch]
     event_shape = observations.shape[num_batch + 1 :]
     flat = observations.reshape((-1, num_steps) + event_shape)
-    # Missing steps are found, and filled with a valid row, per series: one series' NaN
-    # padding must not touch another's observations.
     missing, filled = jax.vmap(fill_missing)(flat)
     missing = jnp.moveaxis(missing, 1, 0).reshape((num_steps,) + batch_shape)
     filled = jnp.moveaxis(filled, 1, 0).reshape((num_steps,) + batch_shape + event_shape)
-    initial_key, steps_key = jax.random.split(key)
-    state, first = init(
-        initial_key, model, filled[0], num_particles=num_particles, missing=missing[0]
-    )
-
-    @jax.checkpoint
-    def body(state, inputs):
-        step_key, t, y, y_missing = inputs
-        return step(
-            step_key,
-            state,
-            t,
-            y,
-            model=model,
-            resampler=resampler,
-            missing=y_missing,
-            constrain=constrain,
-        )
-
-    keys = jax.random.split(steps_key, max(num_steps - 1, 0))
-    times = jnp.arange(1, num_steps, dtype=jnp.int32)
-    _, rest = jax.lax.scan(body, state, (keys, times, filled[1:], missing[1:]))
-    increments, ess, mean, variance = (
-        jnp.concatenate([jnp.expand_dims(a, 0), b], axis=0)
-        for a, b in zip(first, rest, strict=True)
-    )
-    possible = jax.lax.stop_gradient(jnp.all(increments > -jnp.inf, axis=0))
-    increments = jnp.where(possible, increments, jax.lax.stop_gradient(increments))
-    increments, ess, mean, variance = (
-        jnp.moveaxis(a, 0, num_batch) for a in (increments, ess, mean, variance)
-    )
-    return FilterResult(jnp.sum(increments, axis=-1), increments, ess, mean, variance)
+    return missing, filled
 
 
 def _step_series(
