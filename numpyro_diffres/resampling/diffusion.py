@@ -99,7 +99,10 @@ class Diffusion:
             jnp.all(jnp.isfinite(jnp.linalg.cholesky(correlation)))
         )
         cholesky = jnp.linalg.cholesky(jnp.where(factorizable, correlation, eye))
-        whitened = jax.scipy.linalg.solve_triangular(cholesky, standardized.T, lower=True).T
+        # Invert the d x d factor once and multiply: solving against the (d, N) cloud directly
+        # was measured twice as slow as diagonal whitening at N = 1024, d = 4.
+        inverse = jax.scipy.linalg.solve_triangular(cholesky, eye, lower=True)
+        whitened = standardized @ inverse.T
         return whitened, lambda z: mean + (z @ cholesky.T) * scale
 
     def __call__(self, key: PRNGKey, log_weights: Array, particles: Array) -> tuple[Array, Array]:
