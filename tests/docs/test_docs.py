@@ -14,7 +14,13 @@ PAGES = sorted(DOCS.glob("*.md"))
 MKDOCS = Path(sys.executable).parent / "mkdocs"
 RESULTS = [
     ROOT / "benchmarks" / "results" / name
-    for name in ("resampling.md", "scaling.md", "stability.md")
+    for name in (
+        "resampling.md",
+        "scaling.md",
+        "stability.md",
+        "gradients.md",
+        "gradients_speed.md",
+    )
 ]
 
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
