@@ -278,38 +278,36 @@ def step(
         `(state, info)` after observing $y_t$.
     """
     constrain = _identity if constrain is None else constrain
-    if state.log_weights.ndim > 1:
-        return _step_series(
-            key,
-            state,
-            time,
-            observation,
-            model=model,
-            resampler=resampler,
-            missing=missing,
-            constrain=constrain,
-        )
+    # Many series (log-weights (N, *B)) are normalised, resampled and summarised per series;
+    # the per-particle move is the same.
+    batched = state.log_weights.ndim > 1
+    normalize = _normalize_series if batched else log_normalize
     particles, log_weights, alive = state
     resample_key, move_key = jax.random.split(key)
     # Once every particle has had weight zero the estimate is -inf whatever follows; the
     # cloud (often overflowing, e.g. an explosive transition) is replaced by a harmless
     # placeholder so that no resampler or density sees it: its NaN derivatives would
     # otherwise reach the parameters through the discarded branches (0 * inf).
-    particles = jnp.where(alive, particles, jnp.zeros_like(particles))
+    keep = _align(alive, particles) if batched else alive
+    particles = jnp.where(keep, particles, jnp.zeros_like(particles))
     if resampler is not None:
-        new_particles, new_log_weights = resampler(resample_key, log_weights, particles)
+        if batched:
+            new_particles, new_log_weights = _resample_series(
+                resampler, resample_key, log_weights, particles
+            )
+        else:
+            new_particles, new_log_weights = resampler(resample_key, log_weights, particles)
         particles = constrain(new_particles).astype(particles.dtype)
-        log_weights = log_normalize(constrain(new_log_weights))[0].astype(log_weights.dtype)
+        log_weights = normalize(constrain(new_log_weights))[0].astype(log_weights.dtype)
     move_keys = jax.random.split(move_key, particles.shape[0])
     new_particles, log_correction, log_likelihood = jax.vmap(
         lambda k, x: model.propagate(k, x, time, observation, missing)
     )(move_keys, particles)
     new_particles = constrain(new_particles)
-    log_weights, increment = log_normalize(log_weights + log_correction + log_likelihood)
+    log_weights, increment = normalize(log_weights + log_correction + log_likelihood)
     alive = alive & jax.lax.stop_gradient(increment > -jnp.inf)
-    return FilterState(new_particles, log_weights, alive), _info(
-        increment, log_weights, new_particles
-    )
+    info = (_info_series if batched else _info)(increment, log_weights, new_particles)
+    return FilterState(new_particles, log_weights, alive), info
 
 
 def particle_filter(
@@ -525,39 +523,6 @@ def _fill_missing_series(observations: Array, batch_shape: tuple[int, ...]) -> t
     missing = jnp.moveaxis(missing, 1, 0).reshape((num_steps,) + batch_shape)
     filled = jnp.moveaxis(filled, 1, 0).reshape((num_steps,) + batch_shape + event_shape)
     return missing, filled
-
-
-def _step_series(
-    key: PRNGKey,
-    state: FilterState,
-    time: Array,
-    observation: Array,
-    *,
-    model: ParticleModel,
-    resampler: Resampler | None,
-    missing: Array | bool,
-    constrain: Constrain,
-) -> tuple[FilterState, FilterInfo]:
-    """`step` for many series: log-weights `(N, *B)`, per-series resampling and weights."""
-    particles, log_weights, alive = state
-    resample_key, move_key = jax.random.split(key)
-    particles = jnp.where(_align(alive, particles), particles, jnp.zeros_like(particles))
-    if resampler is not None:
-        new_particles, new_log_weights = _resample_series(
-            resampler, resample_key, log_weights, particles
-        )
-        particles = constrain(new_particles).astype(particles.dtype)
-        log_weights = _normalize_series(constrain(new_log_weights))[0].astype(log_weights.dtype)
-    move_keys = jax.random.split(move_key, particles.shape[0])
-    new_particles, log_correction, log_likelihood = jax.vmap(
-        lambda k, x: model.propagate(k, x, time, observation, missing)
-    )(move_keys, particles)
-    new_particles = constrain(new_particles)
-    log_weights, increment = _normalize_series(log_weights + log_correction + log_likelihood)
-    alive = alive & jax.lax.stop_gradient(increment > -jnp.inf)
-    return FilterState(new_particles, log_weights, alive), _info_series(
-        increment, log_weights, new_particles
-    )
 
 
 def _align(series_values: Array, particles: Array) -> Array:
