@@ -11,6 +11,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import DTypeLike
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "check_fraction",
     "check_key",
     "check_name",
+    "check_optional_bool",
     "check_positive",
     "particle_dtype",
 ]
@@ -68,6 +70,17 @@ def check_fraction(name: str, value: object) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got {value!r}.")
     return float(value)
+
+
+def check_optional_bool(name: str, value: object) -> bool | None:
+    """Return `value`, or raise `TypeError` unless it is a bool (Python or NumPy) or None."""
+    if value is None:
+        return None
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(
+            f"{name} must be True, False or None (decide automatically), got {value!r}."
+        )
+    return bool(value)
 
 
 def check_name(value: object) -> str:

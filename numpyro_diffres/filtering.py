@@ -32,6 +32,7 @@ from numpyro_diffres.checks import (
     check_callable,
     check_count,
     check_fraction,
+    check_optional_bool,
     particle_dtype,
 )
 from numpyro_diffres.guards import fill_missing, guard, safe_log_prob
@@ -52,6 +53,10 @@ __all__ = [
 ]
 
 Constrain = Callable[[Array], Array]
+
+# `checkpoint=None` rematerialises the steps in the reverse pass above this many particle
+# coordinates summed over time steps (N x state size x T, times the number of series).
+CHECKPOINT_SIZE = 2**20
 
 
 class FilterState(NamedTuple):
@@ -322,6 +327,7 @@ def particle_filter(
     dtype: DTypeLike | None = None,
     batch_shape: tuple[int, ...] = (),
     series_sharding: jax.sharding.NamedSharding | None = None,
+    checkpoint: bool | None = None,
 ) -> FilterResult:
     """Run a (bootstrap or guided) particle filter and estimate the log-likelihood.
 
@@ -364,6 +370,13 @@ def particle_filter(
             of the series axes $B$, e.g. `NamedSharding(mesh, PartitionSpec("series"))`: the
             series are split across devices (combined with `particle_sharding` when both are
             given on the same mesh). Needs `batch_shape`; $B$ must split evenly.
+        checkpoint: whether the gradient recomputes each step's forward pass
+            (`jax.checkpoint`) instead of storing its intermediates: memory then grows with
+            one cloud per step instead of the resampler's intermediates (for diffusion about
+            $2K + 1$ clouds per step), for about a third more time per gradient. Default None:
+            only when $N \\times$ state size $\\times T$ (times the series) exceeds
+            `filtering.CHECKPOINT_SIZE` ($2^{20}$), e.g. $N = 1024$ particles of one
+            coordinate over more than 1024 steps.
 
     Returns:
         A `FilterResult`.
@@ -372,7 +385,8 @@ def particle_filter(
         ValueError: bad `num_particles`, `ess_threshold`, `batch_shape` or observation shape,
             or a `dtype` for a model whose states are not floating point.
         TypeError: `resampler` is not callable, `particle_sharding` is not a `Sharding`,
-            `series_sharding` is not a `NamedSharding`, or `dtype` is not a floating dtype.
+            `series_sharding` is not a `NamedSharding`, `dtype` is not a floating dtype, or
+            `checkpoint` is not a bool or None.
     """
     num_particles = check_count("num_particles", num_particles, minimum=2)
     ess_threshold = check_fraction("ess_threshold", ess_threshold)
@@ -383,6 +397,7 @@ def particle_filter(
         )
     if dtype is not None:
         dtype = particle_dtype(dtype)
+    checkpoint = check_optional_bool("checkpoint", checkpoint)
     resampler = diffusion() if resampler is None else resampler
     check_callable(
         "resampler",
@@ -438,6 +453,7 @@ def particle_filter(
         resampler=resampler,
         constrain=constrain,
         batch_shape=batch_shape,
+        checkpoint=checkpoint,
     )
 
 
@@ -450,13 +466,16 @@ def run_filter(
     resampler: Resampler | None,
     constrain: Constrain | None = None,
     batch_shape: tuple[int, ...] = (),
+    checkpoint: bool | None = None,
 ) -> FilterResult:
     """The scan of `step` over $t = 1..T-1$ after `init`, for any `ParticleModel`.
 
     Arguments are checked by the callers (`particle_filter` and the NumPyro handlers).
-    Each step is rematerialised in the reverse pass (`jax.checkpoint`), so the gradient keeps
-    one cloud per time step rather than every intermediate of the resampler. A $-\\infty$
-    estimate has gradient zero.
+    With `checkpoint` each step is rematerialised in the reverse pass (`jax.checkpoint`), so
+    the gradient keeps one cloud per time step rather than every intermediate of the
+    resampler, at the price of running every step's forward pass twice; `None` checkpoints
+    when the filter holds more than `CHECKPOINT_SIZE` particle coordinates over all steps
+    (see `particle_filter`). A $-\\infty$ estimate has gradient zero.
 
     With a non-empty `batch_shape` $B$ the observations are `(*B, T, *observation_shape)`,
     missing steps are found per series, and the result is series-first (see `FilterResult`);
@@ -476,7 +495,10 @@ def run_filter(
         initial_key, model, filled[0], num_particles=num_particles, missing=missing[0]
     )
 
-    @jax.checkpoint
+    num_steps = filled.shape[0]
+    if checkpoint is None:
+        checkpoint = state.particles.size * num_steps > CHECKPOINT_SIZE
+
     def body(state, inputs):
         step_key, t, y, y_missing = inputs
         return step(
@@ -490,10 +512,13 @@ def run_filter(
             constrain=constrain,
         )
 
-    num_steps = filled.shape[0]
     keys = jax.random.split(steps_key, max(num_steps - 1, 0))
     times = jnp.arange(1, num_steps, dtype=jnp.int32)
-    _, rest = jax.lax.scan(body, state, (keys, times, filled[1:], missing[1:]))
+    _, rest = jax.lax.scan(
+        jax.checkpoint(body) if checkpoint else body,
+        state,
+        (keys, times, filled[1:], missing[1:]),
+    )
     increments, ess, mean, variance = (
         jnp.concatenate([jnp.expand_dims(a, 0), b], axis=0)
         for a, b in zip(first, rest, strict=True)

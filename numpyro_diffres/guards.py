@@ -30,15 +30,26 @@ def safe_log_prob(distribution: Distribution, value: Array) -> Array:
         support or a non-finite density; its gradient is finite either way.
     """
     safe, valid = guard(distribution)
-    log_prob = safe.log_prob(value)
-    # NaN or -inf (invalid parameters, a value outside the support, an infinite observation,
-    # an overflow) is an impossible particle, not a poisoned estimate. Its gradient is NaN or
-    # infinite, which the `where` below would still turn into NaN (0 * inf): such points are
-    # evaluated again at a feasible parameter and value, whose gradient is finite.
-    possible = jax.lax.stop_gradient(valid & jnp.isfinite(log_prob))
-    feasible, _ = guard(distribution, ~possible)
-    point = jnp.where(possible, value, feasible.support.feasible_like(value))
-    return jnp.where(possible, _log_density(feasible, point), -jnp.inf)
+    # One evaluation: NaN or -inf (invalid parameters, a value outside the support, an
+    # infinite observation, an overflow) is an impossible particle, not a poisoned estimate.
+    # Its partial derivatives are non-finite and the `where` below would turn them into NaN
+    # (0 * inf); `_log_density` zeroes them, so the discarded branch contributes exactly 0.
+    # The support is checked here rather than left to NumPyro's validation, which the
+    # custom-derivative wrapper does not carry (it rebuilds the distribution from its leaves).
+    log_prob = _log_density(safe, value)
+    possible = valid & _in_support(safe, value) & jnp.isfinite(log_prob)
+    return jnp.where(jax.lax.stop_gradient(possible), log_prob, -jnp.inf)
+
+
+def _in_support(distribution: Distribution, value: Array) -> Array:
+    """Whether `value` lies in the support (True where the support cannot be checked)."""
+    support = distribution.support
+    if constraints.is_dependent(support):
+        return jnp.asarray(True)
+    try:
+        return jnp.all(support(value))
+    except NotImplementedError:
+        return jnp.asarray(True)
 
 
 @jax.custom_jvp

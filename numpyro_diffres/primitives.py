@@ -65,6 +65,7 @@ def particle_factor(
     particle_sharding: jax.sharding.Sharding | None = None,
     dtype: DTypeLike | None = None,
     series_sharding: jax.sharding.NamedSharding | None = None,
+    checkpoint: bool | None = None,
 ) -> FilterResult:
     """Add a particle-filter log-likelihood to the enclosing NumPyro model.
 
@@ -102,6 +103,8 @@ def particle_factor(
             in single precision while NUTS works in float64; see `particle_filter`.
         series_sharding: optional sharding of the series axis across devices (inside a
             plate); see `particle_filter`.
+        checkpoint: recompute each step in the gradient's reverse pass (less memory, more
+            time); default None decides by size, see `particle_filter`.
 
     Returns:
         The `FilterResult`, for further use in the model (series-first inside a plate).
@@ -127,6 +130,7 @@ def particle_factor(
         dtype=dtype,
         batch_shape=batch_shape,
         series_sharding=series_sharding,
+        checkpoint=checkpoint,
     )
     if plates:
         # The increments are laid out (*series, T); the plates must not broadcast them

@@ -280,9 +280,8 @@ def _backward_simulation(key, model, history, last):
 def _log_transition(transition, value):
     """`safe_log_prob`'s value without its gradient machinery: $-\\infty$ where impossible.
 
-    `safe_log_prob` evaluates the density twice so that its gradient stays finite; nothing is
-    differentiated here, and the backward pass evaluates $N M$ densities per step, so the
-    second evaluation would double its cost (measured: 2.3x on the test model).
+    Nothing is differentiated here, and the backward pass evaluates $N M$ densities per step:
+    the custom derivative rule of `safe_log_prob` would only add work.
     """
     safe, valid = guard(transition)
     log_prob = safe.log_prob(value)

@@ -222,3 +222,23 @@ def test_dtype_given_as_a_string_rounds_the_states():
     assert by_name == by_type
     # The states really were rounded to float32: not bit-equal to the float64 filter.
     assert by_name != double and abs(by_name / double - 1) < 1e-5
+
+
+def test_checkpoint_recomputes_steps_without_changing_the_gradient():
+    def value_and_grad(checkpoint):
+        def log_likelihood(phi):
+            return run(ar1(phi), num_particles=16, checkpoint=checkpoint).log_likelihood
+
+        return jax.value_and_grad(log_likelihood)
+
+    # The default at this size stores the steps; checkpoint=True rematerialises them.
+    assert "remat" not in str(jax.make_jaxpr(value_and_grad(None))(0.8))
+    assert "remat" in str(jax.make_jaxpr(value_and_grad(True))(0.8))
+    stored = jax.jit(value_and_grad(False))(0.8)
+    recomputed = jax.jit(value_and_grad(True))(0.8)
+    np.testing.assert_allclose(stored, recomputed, rtol=1e-5)
+
+
+def test_checkpoint_must_be_a_bool_or_none():
+    with pytest.raises(TypeError, match="checkpoint must be True, False or None"):
+        run(ar1(), num_particles=8, checkpoint="yes")
