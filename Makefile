@@ -20,14 +20,16 @@ $(VENV)/.installed-examples: pyproject.toml | $(PY)
 demo: $(VENV)/.installed-examples
 	$(PY) examples/demo.py
 
-# The suite runs in float32 (JAX's default); the resampler tests run again in float64, since
-# users run both. The filter's oracle tests switch float64 on themselves. Two pytest-xdist
-# workers (one test file each at a time, so module fixtures are compiled once): most tests are
-# dominated by single-threaded XLA compilation, so two processes use both cores of a CI machine.
+# The suite runs in float32 (JAX's default); the resamplers' numerical tests run again in
+# float64, since users run both (argument checks and transforms do not depend on the dtype).
+# The filter's oracle tests switch float64 on themselves. Two pytest-xdist workers (one test
+# file each at a time, so module fixtures are compiled once): most tests are dominated by
+# single-threaded XLA compilation, so two processes use both cores of a CI machine.
 PYTEST_WORKERS ?= 2
+X64_TESTS = $(filter-out %/test_bad_input.py %/test_transforms.py,$(wildcard tests/resampling/test_*.py))
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
-	JAX_ENABLE_X64=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" tests/resampling
+	JAX_ENABLE_X64=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" $(X64_TESTS)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
