@@ -31,6 +31,7 @@ and report three numbers per direction, with a verdict:
   `1.0`. The largest value change between neighbours is reported as `largest_jump`.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -41,11 +42,18 @@ from jax.flatten_util import ravel_pytree
 from jax.typing import DTypeLike
 
 from numpyro_diffres._typing import Array, PRNGKey
+from numpyro_diffres.checks import check_count, check_key, check_positive
 from numpyro_diffres.filtering import particle_filter
 from numpyro_diffres.resampling import Resampler
 from numpyro_diffres.ssm import StateSpaceModel
 
-__all__ = ["SurfaceReport", "filter_surface", "surface"]
+__all__ = [
+    "ParticleCount",
+    "SurfaceReport",
+    "choose_num_particles",
+    "filter_surface",
+    "surface",
+]
 
 GRADIENT_RATIO_LIMIT = 3.0
 SIGN_CHANGE_LIMIT = 0.25
@@ -161,8 +169,8 @@ def surface(
             "log_likelihood_fn must be callable as log_likelihood_fn(key, params) -> scalar; "
             f"got {log_likelihood_fn!r}."
         )
-    _check_count("num_points", num_points, 5)
-    _check_count("num_keys", num_keys, 2)
+    check_count("num_points", num_points, minimum=5)
+    check_count("num_keys", num_keys, minimum=2)
     flat, unravel, names = _flatten(params)
     directions, radii, names = _directions(flat, unravel, names, direction, radius)
     fixed_key, *other_keys = jax.random.split(key, num_keys + 1)
@@ -306,11 +314,111 @@ def filter_surface(
     )
 
 
-def _check_count(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+class ParticleCount(NamedTuple):
+    """What `choose_num_particles` returns.
+
+    Attributes:
+        num_particles: the first tried $N$ whose log-likelihood SD was at most the target (the
+            largest tried when none was).
+        sd: the standard deviation over keys of the log-likelihood estimate at that $N$.
+        tried: `((N, sd), ...)` for every $N$ tried, in order.
+        reached: whether `sd` is at most the target (False when `max_particles` stopped it).
+    """
+
+    num_particles: int
+    sd: float
+    tried: tuple[tuple[int, float], ...]
+    reached: bool
+
+
+def choose_num_particles(
+    key: PRNGKey,
+    model_fn: Callable[[Any], StateSpaceModel],
+    observations: Array,
+    params: Any,
+    *,
+    target_sd: float = 1.0,
+    initial: int = 64,
+    max_particles: int = 8192,
+    num_keys: int = 16,
+    resampler: Resampler | None = None,
+    dtype: DTypeLike | None = None,
+) -> ParticleCount:
+    """The number of particles whose log-likelihood estimate has SD about `target_sd`.
+
+    The rule: choose $N$ so that the standard deviation over keys of $\\log \\hat p_N(y \\mid
+    \\theta)$, at plausible parameters (a posterior mode or an SVI estimate), is about 1. Under
+    NUTS the fixed key freezes one draw of that noise: an SD of 1 bounds how far the surrogate
+    posterior's log-density sits from the exact one (in the pseudo-marginal literature, SD
+    1-1.7 balances cost against mixing). The SD scales about as $\\sqrt{T / N}$, so from the SD
+    measured at $N$ the next try is the power of two at or above $N\\,(\\mathrm{sd} /
+    \\mathrm{target})^2$, until the target is met or `max_particles` is reached.
+
+    Args:
+        key: PRNG key; `num_keys` filters are run from it at each $N$.
+        model_fn: `model_fn(params) -> StateSpaceModel`.
+        observations: `(T, *observation_shape)`.
+        params: the parameters to measure at, as `model_fn` takes them.
+        target_sd: the SD to reach (default 1.0).
+        initial: the first $N$ tried (default 64).
+        max_particles: the largest $N$ tried (default 8192).
+        num_keys: filters per $N$ (default 16; the SD's own relative error is about
+            $1 / \\sqrt{2 \\cdot \\text{num\\_keys}}$).
+        resampler: as for `particle_filter` (default diffusion).
+        dtype: as for `particle_filter`.
+
+    Returns:
+        A `ParticleCount`.
+
+    Raises:
+        TypeError: `model_fn` not callable, a non-integer count, a bad key.
+        ValueError: a non-positive `target_sd`, `initial` below 2, `max_particles` below
+            `initial`, `num_keys` below 2, a log-likelihood that is not finite at `params`.
+    """
+    check_key(key)
+    if not callable(model_fn):
+        raise TypeError(
+            f"model_fn must be callable as model_fn(params) -> StateSpaceModel; got {model_fn!r}."
+        )
+    check_positive("target_sd", target_sd)
+    initial = check_count("initial", initial, minimum=2)
+    max_particles = check_count("max_particles", max_particles, minimum=initial)
+    num_keys = check_count("num_keys", num_keys, minimum=2)
+    keys = jax.random.split(key, num_keys)
+    model = model_fn(params)
+
+    def sd_at(num_particles: int) -> float:
+        @jax.jit
+        @jax.vmap
+        def run(key):
+            return particle_filter(
+                key,
+                model,
+                observations,
+                num_particles=num_particles,
+                resampler=resampler,
+                dtype=dtype,
+            ).log_likelihood
+
+        values = np.asarray(run(keys), dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            raise ValueError(
+                f"the log-likelihood at params is not finite at N = {num_particles} "
+                f"({np.sum(~np.isfinite(values))} of {num_keys} keys): measure at plausible "
+                "parameters (e.g. a prior draw that fits, or an SVI estimate)."
+            )
+        return float(np.std(values, ddof=1))
+
+    tried = []
+    num_particles = initial
+    while True:
+        sd = sd_at(num_particles)
+        tried.append((num_particles, sd))
+        if sd <= target_sd or num_particles >= max_particles:
+            return ParticleCount(num_particles, sd, tuple(tried), sd <= target_sd)
+        wanted = num_particles * (sd / target_sd) ** 2
+        next_count = 1 << max(0, math.ceil(math.log2(wanted)))
+        num_particles = min(max(next_count, 2 * num_particles), max_particles)
 
 
 def _flatten(params: Any):

@@ -154,3 +154,69 @@ def test_filter_surface_bad_model_fn(ar1_data):
         diagnostics.filter_surface(
             jax.random.PRNGKey(0), lambda p: p, ar1_data, 0.8, num_particles=8
         )
+
+
+# --- choosing the number of particles ---------------------------------------------------------
+
+
+def test_choose_num_particles_meets_the_target_and_grows_with_it(ar1_data):
+    params = {"phi": 0.8, "sigma": 0.5}
+    key = jax.random.PRNGKey(5)
+    loose = diagnostics.choose_num_particles(
+        key, ar1, ar1_data, params, target_sd=2.0, initial=32, num_keys=8
+    )
+    strict = diagnostics.choose_num_particles(
+        key, ar1, ar1_data, params, target_sd=1.0, initial=32, num_keys=8
+    )
+    for choice, target in ((loose, 2.0), (strict, 1.0)):
+        assert choice.reached and choice.sd <= target
+        assert choice.tried[-1] == (choice.num_particles, choice.sd)
+        # Every N tried before the last missed the target.
+        assert all(sd > target for _, sd in choice.tried[:-1])
+    # The strict target is missed where the loose one is met, so a larger N is chosen for it.
+    assert strict.num_particles > loose.num_particles
+    # The SD shrinks with N.
+    assert strict.tried[-1][1] < strict.tried[0][1]
+
+
+def test_choose_num_particles_stops_at_the_cap(ar1_data):
+    choice = diagnostics.choose_num_particles(
+        jax.random.PRNGKey(5),
+        ar1,
+        ar1_data,
+        {"phi": 0.8, "sigma": 0.5},
+        target_sd=1e-3,
+        initial=8,
+        max_particles=16,
+        num_keys=4,
+    )
+    assert not choice.reached and choice.num_particles == 16
+    assert [n for n, _ in choice.tried] == [8, 16]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"target_sd": 0.0}, ValueError, "target_sd"),
+        ({"initial": 1}, ValueError, "initial"),
+        ({"initial": 64, "max_particles": 32}, ValueError, "max_particles"),
+        ({"num_keys": 2.0}, TypeError, "num_keys"),
+    ],
+)
+def test_choose_num_particles_checks_its_arguments(ar1_data, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        diagnostics.choose_num_particles(
+            jax.random.PRNGKey(0), ar1, ar1_data, {"phi": 0.8, "sigma": 0.5}, **kwargs
+        )
+
+
+def test_choose_num_particles_refuses_an_infinite_log_likelihood(ar1_data):
+    with pytest.raises(ValueError, match="not finite"):
+        diagnostics.choose_num_particles(
+            jax.random.PRNGKey(0),
+            ar1,
+            ar1_data.at[3].set(jnp.inf),
+            {"phi": 0.8, "sigma": 0.5},
+            initial=8,
+            num_keys=4,
+        )

@@ -91,6 +91,7 @@ def test_api_reference_documents_the_public_api(site):
         "primitives.sample_latent_paths",
         "marginalize.marginalize",
         "diagnostics.filter_surface",
+        "diagnostics.choose_num_particles",
     ):
         assert f'id="numpyro_diffres.{name}"' in html, name
 
