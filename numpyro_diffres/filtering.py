@@ -373,7 +373,8 @@ def particle_filter(
         checkpoint: whether the gradient recomputes each step's forward pass
             (`jax.checkpoint`) instead of storing its intermediates: memory then grows with
             one cloud per step instead of the resampler's intermediates (for diffusion about
-            $2K + 1$ clouds per step), for about a third more time per gradient. Default None:
+            $2K + 1$ clouds per step), at the price of a second forward pass through every
+            step (`benchmarks/results/cost.md` has its measured cost). Default None:
             only when $N \\times$ state size $\\times T$ (times the series) exceeds
             `filtering.CHECKPOINT_SIZE` ($2^{20}$), e.g. $N = 1024$ particles of one
             coordinate over more than 1024 steps.
