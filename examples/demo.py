@@ -14,6 +14,7 @@ two figures under `out/`.
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -46,11 +47,20 @@ def priors():
     return phi, q, r
 
 
-def particle_model(observations, num_particles=64, record=False):
-    """NumPyro model whose likelihood is the diffusion particle filter."""
+def particle_model(observations, num_particles=64, record=False, particle_dtype=jnp.float32):
+    """NumPyro model whose likelihood is the diffusion particle filter.
+
+    NUTS works in float64; the filter's particles are float32 (`dtype`), which measured as
+    accurate as float64 particles on this model (benchmarks/results/scaling.md) and faster.
+    """
     phi, q, r = priors()
     ndr.particle_factor(
-        "y", state_space_model(phi, q, r), observations, num_particles=num_particles, record=record
+        "y",
+        state_space_model(phi, q, r),
+        observations,
+        num_particles=num_particles,
+        record=record,
+        dtype=particle_dtype,
     )
 
 
@@ -69,19 +79,31 @@ def exact_model(observations):
 
 
 def run_nuts(model, key, observations, args, progress_bar, **kwargs):
-    """NUTS with the demo's settings; returns the MCMC object and the wall time."""
+    """NUTS with the demo's settings; returns the MCMC object and the wall time.
+
+    Chains run in parallel when there is a CPU device per chain (`main` asks for one per
+    core), one after the other otherwise. The progress bar is drawn only on a terminal: in a
+    log every refresh would become a line, so the log gets one line per fit instead.
+    """
+    parallel = jax.local_device_count() >= args.num_chains
     mcmc = MCMC(
         NUTS(model),
         num_warmup=args.num_warmup,
         num_samples=args.num_samples,
         num_chains=args.num_chains,
-        chain_method="sequential",
-        progress_bar=progress_bar,
+        chain_method="parallel" if parallel else "sequential",
+        progress_bar=progress_bar and sys.stdout.isatty(),
     )
     start = time.perf_counter()
     mcmc.run(key, observations, **kwargs)
     jax.block_until_ready(mcmc.get_samples())
-    return mcmc, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    print(
+        f"  {args.num_chains} chain(s) of {args.num_warmup} + {args.num_samples} iterations "
+        f"({'in parallel' if parallel else 'one after the other'}): {seconds:.1f} s",
+        flush=True,
+    )
+    return mcmc, seconds
 
 
 def main(argv=None):
@@ -103,7 +125,8 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     jax.config.update("jax_enable_x64", True)
-    numpyro.set_host_device_count(1)
+    # One CPU device per chain, up to the number of cores: the chains then run in parallel.
+    numpyro.set_host_device_count(max(1, min(args.num_chains, os.cpu_count() or 1)))
     args.out.mkdir(parents=True, exist_ok=True)
     data_key, particle_key, exact_key, predictive_key = jax.random.split(
         jax.random.PRNGKey(args.seed), 4

@@ -1,0 +1,295 @@
+r"""Per-gradient cost: what one `value_and_grad` of the filter log-likelihood spends, and on what.
+
+NUTS calls `value_and_grad` of the log-likelihood thousands of times, so its wall time is the
+cost users feel. On the AR(1)-plus-noise model of `benchmarks/scaling.py` (T = 30, K = 8
+diffusion steps, float32 unless `--x64`), for N in {32, 64, 256, 1024}, one jit-compiled
+`value_and_grad` with respect to $(\phi, q, r)$ is timed (the protocol of `_common.time_call`)
+and the compiled HLO's instructions are counted, for:
+
+* `default`: `particle_filter` as users call it;
+* `checkpoint`: the same with `checkpoint=True` (every step recomputed in the reverse pass);
+* `no resampling`: `ess_threshold=0`: the densities, moves, guards, summaries and the scan;
+* `resampler x (T-1)`: the diffusion resampler alone on a cloud of that size, times T - 1;
+* `summaries`: the default with the ESS, filtered means and variances also returned (they are
+  dropped by XLA when only the log-likelihood is used, as in `particle_factor`);
+* `unguarded densities`: the no-resampling filter with `log_prob` in place of the NaN-safe
+  `safe_log_prob`, for the guards' share;
+* `baseline`: with `--baseline REF`, the default row of the package as of git revision REF,
+  run in a subprocess on a `git archive` copy, in the same run on the same machine.
+
+    python benchmarks/cost.py                         # the table
+    python benchmarks/cost.py --baseline c151462      # with "before" rows
+
+Writes `benchmarks/results/cost.{json,md}`.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cost.json"
+TRUE = (0.8, 0.5, 0.5)
+VARIANTS = (
+    "default",
+    "checkpoint",
+    "summaries",
+    "no resampling",
+    "unguarded densities",
+    "resampler x (T-1)",
+)
+
+
+def parse_arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--particles", default="32,64,256,1024")
+    parser.add_argument("--num-time-steps", type=int, default=30)
+    parser.add_argument("--diffusion-steps", type=int, default=8)
+    parser.add_argument("--x64", action="store_true", help="float64 instead of float32")
+    parser.add_argument("--baseline", help="git revision whose default row to time alongside")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--quick", action="store_true", help="N = 16 only, T = 5 (smoke test)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--measure-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.particles, args.num_time_steps = "16", 5
+    args.particles = [int(n) for n in args.particles.split(",")]
+    args.variants = args.variants.split(",")
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    return args
+
+
+def measure(args) -> list[dict]:
+    """Time every variant at every N; returns one row per (variant, N)."""
+    import jax
+
+    jax.config.update("jax_enable_x64", args.x64)
+    import jax.numpy as jnp
+    import numpyro.distributions as dist
+    from _common import time_call
+
+    import numpyro_diffres as ndr
+
+    def ar1(theta):
+        phi, q, r = theta[0], theta[1], theta[2]
+        return ndr.StateSpaceModel(
+            initial=dist.Normal(0.0, q / jnp.sqrt(1.0 - phi**2)),
+            transition=lambda x, t: dist.Normal(phi * x, q),
+            emission=lambda x, t: dist.Normal(x, r),
+        )
+
+    theta = jnp.asarray(TRUE)
+    _, observations = ndr.simulate(jax.random.PRNGKey(0), ar1(theta), args.num_time_steps)
+    resampler = ndr.resampling.diffusion(num_steps=args.diffusion_steps)
+    key = jax.random.PRNGKey(1)
+
+    def filter_gradient(num_particles, **kwargs):
+        def log_likelihood(theta):
+            return ndr.particle_filter(
+                key, ar1(theta), observations, num_particles=num_particles, **kwargs
+            ).log_likelihood
+
+        return jax.value_and_grad(log_likelihood)
+
+    def with_summaries(num_particles):
+        def objective(theta):
+            result = ndr.particle_filter(
+                key, ar1(theta), observations, num_particles=num_particles, resampler=resampler
+            )
+            return result.log_likelihood, (
+                result.ess,
+                result.filtered_mean,
+                result.filtered_variance,
+            )
+
+        return jax.value_and_grad(objective, has_aux=True)
+
+    def unguarded(num_particles):
+        # The no-resampling filter written out with plain log_prob: no guards, no summaries.
+        def log_likelihood(theta):
+            model = ar1(theta)
+            initial_key, steps_key = jax.random.split(key)
+            x = model.initial.sample(initial_key, (num_particles,))
+            log_weights = model.emission(x, 0).log_prob(observations[0]) - jnp.log(num_particles)
+
+            def body(carry, inputs):
+                x, log_weights = carry
+                step_key, y = inputs
+                x = model.transition(x, 0).sample(step_key)
+                log_weights = log_weights + model.emission(x, 0).log_prob(y)
+                return (x, log_weights), None
+
+            keys = jax.random.split(steps_key, observations.shape[0] - 1)
+            (_, log_weights), _ = jax.lax.scan(body, (x, log_weights), (keys, observations[1:]))
+            return jax.nn.logsumexp(log_weights)
+
+        return jax.value_and_grad(log_likelihood)
+
+    def resampler_alone(num_particles):
+        particles = jax.random.normal(jax.random.PRNGKey(2), (num_particles, 1))
+        log_weights = jax.nn.log_softmax(jax.random.normal(jax.random.PRNGKey(3), (num_particles,)))
+
+        def loss(particles, log_weights):
+            return jnp.sum(resampler(key, log_weights, particles)[0] ** 2)
+
+        return jax.value_and_grad(loss, argnums=(0, 1)), (particles, log_weights)
+
+    rows = []
+    for num_particles in args.particles:
+        for variant in args.variants:
+            scale = 1
+            arguments = (theta,)
+            if variant == "default":
+                function = filter_gradient(num_particles, resampler=resampler)
+            elif variant == "checkpoint":
+                function = filter_gradient(num_particles, resampler=resampler, checkpoint=True)
+            elif variant == "summaries":
+                function = with_summaries(num_particles)
+            elif variant == "no resampling":
+                function = filter_gradient(num_particles, ess_threshold=0.0)
+            elif variant == "unguarded densities":
+                function = unguarded(num_particles)
+            else:
+                function, arguments = resampler_alone(num_particles)
+                scale = args.num_time_steps - 1
+            timing = time_call(
+                function,
+                arguments,
+                repeats=2 if args.quick else 7,
+                min_seconds=0.0 if args.quick else 1.0,
+                max_runs=200,
+            )
+            compiled = jax.jit(function).lower(*arguments).compile()
+            operations = sum(1 for line in compiled.as_text().splitlines() if " = " in line)
+            rows.append(
+                {
+                    "variant": variant,
+                    "N": num_particles,
+                    "ms": 1e3 * timing.median * scale,
+                    "runs": timing.runs,
+                    "hlo_instructions": operations,
+                    "compile_s": timing.compile,
+                }
+            )
+            print(f"{variant:22s} N={num_particles:5d} {rows[-1]['ms']:9.3f} ms", flush=True)
+    return rows
+
+
+def baseline_rows(args) -> list[dict]:
+    """The default row of revision `args.baseline`, timed in a subprocess on its own copy."""
+    with tempfile.TemporaryDirectory() as directory:
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", args.baseline], capture_output=True, check=True
+        )
+        subprocess.run(["tar", "-x", "-C", directory], input=archive.stdout, check=True)
+        out = Path(directory) / "baseline.json"
+        command = (
+            [
+                sys.executable,
+                str(Path(__file__)),
+                "--measure-only",
+                "--variants",
+                "default",
+                "--particles",
+                ",".join(map(str, args.particles)),
+                "--num-time-steps",
+                str(args.num_time_steps),
+                "--diffusion-steps",
+                str(args.diffusion_steps),
+                "--out",
+                str(out),
+            ]
+            + (["--x64"] if args.x64 else [])
+            + (["--quick"] if args.quick else [])
+        )
+        environment = dict(os.environ, PYTHONPATH=directory)
+        subprocess.run(command, check=True, env=environment, cwd=directory)
+        rows = json.loads(out.read_text())
+    for row in rows:
+        row["variant"] = f"baseline {args.baseline}"
+    return rows
+
+
+def render(report) -> str:
+    from _common import load_line, markdown_table
+
+    meta = report["meta"]
+    rows = report["rows"]
+    particles = sorted({row["N"] for row in rows})
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    cell = {(row["variant"], row["N"]): row for row in rows}
+    default = {n: cell[("default", n)]["ms"] for n in particles if ("default", n) in cell}
+    lines = [
+        "# Per-gradient cost",
+        "",
+        load_line(meta),
+        "",
+        f"One jit-compiled `value_and_grad` of the AR(1)-plus-noise filter log-likelihood with "
+        f"respect to (phi, q, r): T = {meta['num_time_steps']}, diffusion K = "
+        f"{meta['diffusion_steps']}, {meta['dtype']}; median ms per call (`_common.time_call`), "
+        "and in parentheses the share of the default row.",
+        "",
+    ]
+    table = []
+    for variant in variants:
+        cells = [variant]
+        for n in particles:
+            row = cell.get((variant, n))
+            if row is None:
+                cells.append("-")
+            else:
+                share = row["ms"] / default[n] if n in default else None
+                cells.append(f"{row['ms']:.3g}" + (f" ({share:.2f})" if share is not None else ""))
+        table.append(cells)
+    lines.append(markdown_table(["ms per call"] + [f"N = {n}" for n in particles], table))
+    lines += ["", "Compiled HLO instructions (a proxy for per-operation overhead):", ""]
+    lines.append(
+        markdown_table(
+            ["instructions"] + [f"N = {n}" for n in particles],
+            [
+                [variant]
+                + [
+                    str(cell[(variant, n)]["hlo_instructions"]) if (variant, n) in cell else "-"
+                    for n in particles
+                ]
+                for variant in variants
+            ],
+        )
+    )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    if args.measure_only:
+        rows = measure(args)
+        args.out.write_text(json.dumps(rows))
+        return rows
+    from _common import run_metadata, write_report
+
+    meta = run_metadata(
+        num_time_steps=args.num_time_steps,
+        diffusion_steps=args.diffusion_steps,
+        dtype="float64" if args.x64 else "float32",
+        baseline=args.baseline,
+    )
+    rows = measure(args)
+    if args.baseline:
+        rows += baseline_rows(args)
+    text = write_report(args.out, {"meta": meta, "rows": rows}, render)
+    print(text)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
