@@ -282,6 +282,7 @@ def main(argv=None):
         diffusion_steps=args.diffusion_steps,
         dtype="float64" if args.x64 else "float32",
         baseline=args.baseline,
+        variants=args.variants,
     )
     rows = measure(args)
     if args.baseline:

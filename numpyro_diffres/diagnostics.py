@@ -282,27 +282,14 @@ def filter_surface(
             `surface` and `particle_filter`.
         ValueError: as `surface` and `particle_filter`.
     """
-    if not callable(model_fn):
-        raise TypeError(
-            f"model_fn must be callable as model_fn(params) -> StateSpaceModel; got {model_fn!r}."
-        )
-
-    def log_likelihood_fn(key, params):
-        model = model_fn(params)
-        if not isinstance(model, StateSpaceModel):
-            raise TypeError(
-                f"model_fn(params) must return a StateSpaceModel, got {type(model).__name__}."
-            )
-        return particle_filter(
-            key,
-            model,
-            observations,
-            num_particles=num_particles,
-            resampler=resampler,
-            ess_threshold=ess_threshold,
-            dtype=dtype,
-        ).log_likelihood
-
+    log_likelihood_fn = _filter_log_likelihood(
+        model_fn,
+        observations,
+        num_particles=num_particles,
+        resampler=resampler,
+        ess_threshold=ess_threshold,
+        dtype=dtype,
+    )
     return surface(
         key,
         log_likelihood_fn,
@@ -376,30 +363,17 @@ def choose_num_particles(
             `initial`, `num_keys` below 2, a log-likelihood that is not finite at `params`.
     """
     check_key(key)
-    if not callable(model_fn):
-        raise TypeError(
-            f"model_fn must be callable as model_fn(params) -> StateSpaceModel; got {model_fn!r}."
-        )
     check_positive("target_sd", target_sd)
     initial = check_count("initial", initial, minimum=2)
     max_particles = check_count("max_particles", max_particles, minimum=initial)
     num_keys = check_count("num_keys", num_keys, minimum=2)
     keys = jax.random.split(key, num_keys)
-    model = model_fn(params)
 
     def sd_at(num_particles: int) -> float:
-        @jax.jit
-        @jax.vmap
-        def run(key):
-            return particle_filter(
-                key,
-                model,
-                observations,
-                num_particles=num_particles,
-                resampler=resampler,
-                dtype=dtype,
-            ).log_likelihood
-
+        log_likelihood_fn = _filter_log_likelihood(
+            model_fn, observations, num_particles=num_particles, resampler=resampler, dtype=dtype
+        )
+        run = jax.jit(jax.vmap(lambda key: log_likelihood_fn(key, params)))
         values = np.asarray(run(keys), dtype=np.float64)
         if not np.all(np.isfinite(values)):
             raise ValueError(
@@ -419,6 +393,26 @@ def choose_num_particles(
         wanted = num_particles * (sd / target_sd) ** 2
         next_count = 1 << max(0, math.ceil(math.log2(wanted)))
         num_particles = min(max(next_count, 2 * num_particles), max_particles)
+
+
+def _filter_log_likelihood(
+    model_fn: Callable[[Any], StateSpaceModel], observations: Array, **filter_kwargs: Any
+) -> Callable[[PRNGKey, Any], Array]:
+    """`(key, params) -> particle_filter(key, model_fn(params), observations, ...)` value."""
+    if not callable(model_fn):
+        raise TypeError(
+            f"model_fn must be callable as model_fn(params) -> StateSpaceModel; got {model_fn!r}."
+        )
+
+    def log_likelihood_fn(key, params):
+        model = model_fn(params)
+        if not isinstance(model, StateSpaceModel):
+            raise TypeError(
+                f"model_fn(params) must return a StateSpaceModel, got {type(model).__name__}."
+            )
+        return particle_filter(key, model, observations, **filter_kwargs).log_likelihood
+
+    return log_likelihood_fn
 
 
 def _flatten(params: Any):
