@@ -1,5 +1,8 @@
 """Shared benchmark plumbing: one timing protocol, one table writer, one report writer.
 
+Also the conjugate Gaussian example that `resampling.py` and `scaling.py` both measure
+resampled-mean error on (`gaussian_example`, `posterior_mean`).
+
 Timing protocol (`time_call`): compile the function with `jax.jit(...).lower(...).compile()`,
 run it once as a warm-up, then time calls that each end with `jax.block_until_ready`, at least
 `repeats` of them and more while their total is under `min_seconds`; report the median. Two
@@ -19,17 +22,40 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
+    "OBSERVATION",
+    "OBSERVATION_VARIANCE",
     "Timing",
     "format_number",
+    "gaussian_example",
     "load_average",
     "load_line",
     "markdown_table",
+    "posterior_mean",
     "run_metadata",
     "time_call",
     "write_report",
 ]
+
+# The conjugate example: y | x ~ N(x, OBSERVATION_VARIANCE I), x ~ N(0, I), y = OBSERVATION 1_d.
+OBSERVATION = 1.0
+OBSERVATION_VARIANCE = 0.5
+
+
+def gaussian_example(key, n: int, d: int, dtype) -> tuple:
+    """Prior particles and log-likelihood weights of the conjugate example, `(lw, x)`."""
+    particles = jax.random.normal(key, (n, d), dtype)
+    observation = jnp.full((d,), OBSERVATION, dtype)
+    log_weights = -0.5 * jnp.sum((observation - particles) ** 2, axis=1) / OBSERVATION_VARIANCE
+    return log_weights, particles
+
+
+def posterior_mean(d: int) -> np.ndarray:
+    """Exact posterior mean of the conjugate example."""
+    return np.full((d,), OBSERVATION / (1.0 + OBSERVATION_VARIANCE))
 
 
 class Timing(NamedTuple):

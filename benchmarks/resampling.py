@@ -43,13 +43,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import numpyro_diffres as ndr
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    OBSERVATION,
+    OBSERVATION_VARIANCE,
+    gaussian_example,
+    posterior_mean,
+)
+
+import numpyro_diffres as ndr  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "resampling.json"
-
-# The conjugate example: y | x ~ N(x, OBSERVATION_VARIANCE I), x ~ N(0, I), y = OBSERVATION 1_d.
-OBSERVATION = 1.0
-OBSERVATION_VARIANCE = 0.5
 
 # Largest number of (N x N) matrix entries a batch of the accuracy map may hold at once.
 ACCURACY_BATCH_ENTRIES = 2**25
@@ -141,19 +145,6 @@ def build_resamplers() -> dict[str, Callable]:
         "gumbel_softmax": resampling.gumbel_softmax(0.3),
         "optimal_transport": resampling.optimal_transport(0.5),
     }
-
-
-def gaussian_example(key, n: int, d: int, dtype) -> tuple:
-    """Prior particles and log-likelihood weights of the conjugate example, `(lw, x)`."""
-    particles = jax.random.normal(key, (n, d), dtype)
-    observation = jnp.full((d,), OBSERVATION, dtype)
-    log_weights = -0.5 * jnp.sum((observation - particles) ** 2, axis=1) / OBSERVATION_VARIANCE
-    return log_weights, particles
-
-
-def posterior_mean(d: int) -> np.ndarray:
-    """Exact posterior mean of the conjugate example."""
-    return np.full((d,), OBSERVATION / (1.0 + OBSERVATION_VARIANCE))
 
 
 def loss_function(resampler: Callable) -> Callable:

@@ -39,12 +39,12 @@ Prints markdown and writes JSON (and the markdown beside it) under `benchmarks/r
 import argparse
 import datetime
 import functools
-import importlib.util
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -55,8 +55,11 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.infer import MCMC, NUTS
 
-import numpyro_diffres as ndr
-from numpyro_diffres.resampling.attention import block_size
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import OBSERVATION_VARIANCE, gaussian_example, posterior_mean  # noqa: E402
+
+import numpyro_diffres as ndr  # noqa: E402
+from numpyro_diffres.resampling.attention import block_size  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "scaling.json"
 TRUE = {"phi": 0.8, "q": 0.5, "r": 0.5}
@@ -362,16 +365,6 @@ def resampler_section(args):
     return rows
 
 
-def _resampling_benchmark():
-    """The sibling `benchmarks/resampling.py` (its conjugate example and exact posterior)."""
-    spec = importlib.util.spec_from_file_location(
-        "resampling_benchmark", Path(__file__).resolve().parent / "resampling.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _weighted_moments(log_weights, particles):
     log_weights = np.asarray(log_weights, np.float64)
     weights = np.exp(log_weights - log_weights.max())
@@ -383,10 +376,9 @@ def _weighted_moments(log_weights, particles):
 
 def accuracy_section(args):
     """Resampled-mean error against forward time: diffusion (K) and OT (epsilon) at several N."""
-    example = _resampling_benchmark()
     d = args.accuracy_dimension
-    exact_mean = example.posterior_mean(d)
-    exact_variance = example.OBSERVATION_VARIANCE / (1.0 + example.OBSERVATION_VARIANCE)
+    exact_mean = posterior_mean(d)
+    exact_variance = OBSERVATION_VARIANCE / (1.0 + OBSERVATION_VARIANCE)
     settings = [
         ("diffusion", f"K={k}", ndr.resampling.diffusion(num_steps=k))
         for k in args.accuracy_num_steps
@@ -399,8 +391,7 @@ def accuracy_section(args):
     with jax.enable_x64(True):
         for n in args.accuracy_sizes:
             data = [
-                example.gaussian_example(jax.random.PRNGKey(10_000 + s), n, d, jnp.float64)
-                for s in seeds
+                gaussian_example(jax.random.PRNGKey(10_000 + s), n, d, jnp.float64) for s in seeds
             ]
             keys = [jax.random.PRNGKey(20_000 + s) for s in seeds]
             inputs = [_weighted_moments(lw, x) for lw, x in data]
@@ -491,6 +482,7 @@ def _equal_error_comparisons(rows, min_n):
     return comparisons
 
 
+PRECISION_MODELS = ("ar1", "linear_gaussian")
 PRECISION_MODES = {
     # name: (x64 enabled, dtype of parameters and data, filter `dtype`)
     "float64": (True, "float64", None),
@@ -540,6 +532,11 @@ def precision_section(args):
         f"K={k_ar1}": ar1,
         f"linear-Gaussian of `gradient`, d=4, T={args.gradient_time_steps}, N={n_lg}, K=8, "
         "phi=0.5": linear_gaussian,
+    }
+    models = {
+        name: build
+        for (name, build), short in zip(models.items(), PRECISION_MODELS, strict=True)
+        if short in args.precision_models
     }
     rows = []
     for name, build in models.items():
@@ -943,6 +940,13 @@ def parse_arguments(argv):
     parser.add_argument("--precision-keys", type=int, default=16)
     parser.add_argument("--precision-ar1", nargs=2, type=int, default=[64, 4], help="N K")
     parser.add_argument("--precision-linear-gaussian-particles", type=int, default=256)
+    parser.add_argument(
+        "--precision-models",
+        nargs="+",
+        default=list(PRECISION_MODELS),
+        choices=PRECISION_MODELS,
+        help="models of the precision section",
+    )
     args = parser.parse_args(argv)
     if args.update and not args.out.exists():
         parser.error(f"--update keeps the other sections of {args.out}, which does not exist.")
@@ -950,15 +954,20 @@ def parse_arguments(argv):
     if args.nuts_setting_text:
         args.nuts_settings = [_nuts_setting(text, parser) for text in args.nuts_setting_text]
     if args.quick:
-        args.num_time_steps, args.num_warmup, args.num_samples = 10, 20, 20
-        quick_nuts = [(16, 4, "float32"), (16, 4, "mixed")]
+        # Smoke test: compiling, not running, takes the time, so one configuration per
+        # code path: two NUTS rows (float32, mixed) beside the exact one, one N per gradient
+        # method (256: its temporary memory is checked), one resampler N run and one only
+        # listed, one diffusion and one OT accuracy setting, the AR(1) precision model.
+        args.num_time_steps, args.num_warmup, args.num_samples = 5, 10, 10
+        quick_nuts = [(8, 2, "float32"), (8, 2, "mixed")]
         args.nuts_settings = args.nuts_settings if args.nuts_setting_text else quick_nuts
-        args.gradient_time_steps, args.gradient_sizes, args.max_run_particles = 5, [64, 256], 64
-        args.resampler_sizes, args.max_resampler_n = [64, 256, 1024], 256
-        args.accuracy_sizes, args.accuracy_num_steps = [64, 128], [2, 4]
-        args.accuracy_epsilons, args.accuracy_seeds, args.verdict_min_n = [0.4, 0.8], 2, 128
-        args.precision_keys, args.precision_ar1 = 3, [16, 2]
+        args.gradient_time_steps, args.gradient_sizes, args.max_run_particles = 5, [256], 256
+        args.resampler_sizes, args.max_resampler_n = [64, 128], 64
+        args.accuracy_sizes, args.accuracy_num_steps = [64], [2]
+        args.accuracy_epsilons, args.accuracy_seeds, args.verdict_min_n = [0.8], 2, 64
+        args.precision_keys, args.precision_ar1 = 2, [8, 2]
         args.precision_linear_gaussian_particles = 32
+        args.precision_models = ["ar1"]
     return args
 
 

@@ -128,7 +128,9 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--num-steps", type=int, default=50, help="T")
     parser.add_argument("--num-particles", type=int, default=64, help="N")
-    parser.add_argument("--quick", action="store_true", help="2 chains x 20 + 20, T=15, N=16")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 chains x 10 + 10, T=8, N=8, one run per mode"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat-runs", type=int, default=7, help="runs of one MCMC object")
@@ -137,9 +139,11 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.chains, args.warmup, args.samples = 2, 20, 20
-        args.num_steps, args.num_particles = 15, 16
-        args.repeat_runs, args.repeat_iterations = 2, 5
+        # Smoke test: every single-chain run compiles its sampler afresh (about 15 s on 2
+        # loaded cores), so one run per mode of the repeated-runs table.
+        args.chains, args.warmup, args.samples = 2, 10, 10
+        args.num_steps, args.num_particles = 8, 8
+        args.repeat_runs, args.repeat_iterations = 1, 3
     # One CPU device per chain, for chain_method="parallel"; must precede JAX's first use.
     numpyro.set_host_device_count(args.chains)
 

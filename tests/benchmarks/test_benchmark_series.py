@@ -15,7 +15,7 @@ def test_quick_run_reports_compile_gradient_and_nuts_rows(quick_benchmark):
     nuts = report["nuts"]
     assert {"particle", "exact"} <= set(nuts)
     assert len(nuts["parameters"]) == 4 + report["config"]["nuts_series"]
-    # 20 + 20 NUTS iterations are a smoke test of the pipeline, not of the posterior (a chain
+    # 10 + 10 NUTS iterations are a smoke test of the pipeline, not of the posterior (a chain
     # that short may not move at all, so its SD can be 0): both fits report finite means.
     for row in nuts["parameters"]:
         assert math.isfinite(row["particle_mean"]) and math.isfinite(row["exact_mean"]), row

@@ -72,5 +72,9 @@ def test_the_case_that_gave_a_non_finite_ot_gradient_now_gives_a_finite_one():
     assert np.isfinite(float(value))
     for name, leaf in gradient.items():
         assert np.all(np.isfinite(np.asarray(leaf))), name
+    # The implicit gradient leaves the forward value alone: the unrolled filter gives it too,
+    # up to how XLA compiles the two programs (bitwise with full optimisation; about 1e-5
+    # apart under the suite's low-optimisation flags, conftest.py).
     unrolled = ndr.resampling.optimal_transport(implicit_gradient=False)
-    assert float(value) == float(jax.jit(lambda p: log_likelihood(p, unrolled))(params))
+    unrolled_value = float(jax.jit(lambda p: log_likelihood(p, unrolled))(params))
+    assert math.isclose(float(value), unrolled_value, rel_tol=1e-4), (value, unrolled_value)
