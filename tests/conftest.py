@@ -1,19 +1,11 @@
 """Shared test helpers."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-# Most tests spend their time in XLA's CPU compiler, not in running what it compiled. Less LLVM
-# optimisation compiles faster (measured: 164 s -> 113 s for tests/diagnostics/
-# test_gradient_decay.py and tests/filtering/test_filtering_input.py together); it changes
-# speed, not what the tests compare. Set before JAX starts its backend; subprocesses inherit it.
-_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
