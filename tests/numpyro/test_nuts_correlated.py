@@ -67,8 +67,10 @@ def exact_posterior_moments(observations):
     grid = jnp.linspace(0.3 - 2.5, 0.3 + 2.5, 4001)
     log_density = jax.jit(
         jax.vmap(
-            lambda angle: dist.Normal(0.3, 0.5).log_prob(angle)
-            + ndr.kalman_log_likelihood(params(angle), observations)
+            lambda angle: (
+                dist.Normal(0.3, 0.5).log_prob(angle)
+                + ndr.kalman_log_likelihood(params(angle), observations)
+            )
         )
     )(grid)
     weights = np.exp(np.asarray(log_density) - np.max(log_density))
