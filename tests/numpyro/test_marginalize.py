@@ -341,7 +341,13 @@ def test_nuts_over_statics_agrees_with_nuts_over_all_latents():
         # At N = 64 the fixed-noise surrogate shifted sigma by 0.30 posterior SD here (and by
         # 0.38 at T = 100 in benchmarks/results/versus_latent_nuts.md): a particle bias that
         # shrinks with N, which this test is not meant to measure.
-        NUTS(marginalize(stochastic_volatility, num_particles=128)),
+        NUTS(
+            marginalize(
+                stochastic_volatility,
+                num_particles=128,
+                resampler=resampling.diffusion(num_steps=4),
+            )
+        ),
         num_warmup=150,
         num_samples=250,
         progress_bar=False,

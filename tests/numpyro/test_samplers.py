@@ -115,14 +115,14 @@ def both_routes():
     # Sizing: N = 16 is enough here, both routes sample the same fixed-noise surrogate posterior
     # (NumPyro's default key), so they must agree whatever its distance to the exact one.
     blackjax_result = ndr.blackjax_nuts(
-        jax.random.PRNGKey(5), particle_model, y, num_warmup=200, num_samples=400, num_chains=2
+        jax.random.PRNGKey(5), particle_model, y, num_warmup=150, num_samples=300, num_chains=2
     )
     mcmc = MCMC(
         NUTS(particle_model),
-        num_warmup=200,
-        num_samples=400,
+        num_warmup=150,
+        num_samples=300,
         num_chains=2,
-        chain_method="sequential",
+        chain_method="vectorized",
         progress_bar=False,
     )
     mcmc.run(jax.random.PRNGKey(6), y)
@@ -136,7 +136,7 @@ def test_blackjax_route_agrees_with_numpyro_nuts(both_routes):
     for name in ("phi", "log_q", "log_r"):
         ours = np.asarray(blackjax_result.samples[name])
         theirs = np.asarray(numpyro_samples[name])
-        assert ours.shape == (2, 400)
+        assert ours.shape == (2, 300)
         assert az.rhat(ours) < 1.05, name
         tolerance = 4 * math.hypot(mcse_mean(ours), mcse_mean(theirs))
         assert abs(ours.mean() - theirs.mean()) < tolerance, (name, ours.mean(), theirs.mean())
@@ -148,8 +148,8 @@ def test_to_inference_data_of_a_run(both_routes):
     idata = ndr.to_inference_data(blackjax_result)
     for name in ("phi", "log_q", "log_r"):
         assert idata.posterior[name].dims == ("chain", "draw")
-        assert idata.posterior[name].shape == (2, 400)
-    assert idata.sample_stats["diverging"].shape == (2, 400)
+        assert idata.posterior[name].shape == (2, 300)
+    assert idata.sample_stats["diverging"].shape == (2, 300)
     summary = az.summary(idata, var_names=["phi"])
     assert np.isfinite(summary.loc["phi", "mean"])
 
