@@ -60,10 +60,26 @@ def test_linear_gaussian(tmp_path):
         + QUIET,
         tmp_path,
     )
-    assert -0.99 < results["theta_1_mean"] < 0.99
-    assert -0.99 < results["theta_1_exact_mean"] < 0.99
-    assert results["theta_2_mean"] > 0 and results["theta_2_exact_mean"] > 0
-    assert results["theta_1_sd"] > 0 and results["theta_2_sd"] > 0
+    # Against NUTS on the exact Kalman likelihood in the same script. At these settings (T = 20,
+    # N = 8, 30 draws) each mean carries a Monte Carlo error of about 0.3 exact SD and the
+    # fixed-noise surrogate a bias of similar size, so the bound is two exact SDs (measured: 0.8
+    # for theta_1, 0.2 for theta_2). The data must also have narrowed the particle posterior
+    # below the prior's SD (U(-0.99, 0.99): 0.57; LogNormal(0, 0.5): 0.60), which a likelihood
+    # that ignored the observations would not.
+    assert_near_exact(results, "", prior_sd={"theta_1": 0.57, "theta_2": 0.60})
+    for name in ("theta_1", "theta_2"):
+        true = {"theta_1": 0.5, "theta_2": 1.0}[name]
+        assert abs(results[f"{name}_exact_mean"] - true) < 3 * results[f"{name}_exact_sd"], name
+
+
+def assert_near_exact(results, label, prior_sd):
+    """Particle-NUTS means within two exact SDs of the exact means; SDs below the prior's."""
+    for name, sd in prior_sd.items():
+        exact_mean = results[f"{name}_exact_mean"]
+        exact_sd = results[f"{name}_exact_sd"]
+        mean, particle_sd = results[f"{name}{label}_mean"], results[f"{name}{label}_sd"]
+        assert abs(mean - exact_mean) < 2 * exact_sd, (name, label, mean, exact_mean, exact_sd)
+        assert particle_sd < 0.8 * sd, (name, label, particle_sd, sd)
 
 
 def test_stochastic_volatility(tmp_path):
@@ -74,10 +90,13 @@ def test_stochastic_volatility(tmp_path):
         + QUIET,
         tmp_path,
     )
-    assert -1 < results["phi_mean"] < 1 and -1 < results["phi_svi"] < 1
-    assert results["sigma_mean"] > 0
-    for name in ("coverage", "smoothed_coverage", "forecast_coverage"):
-        assert 0 <= results[name] <= 1
+    # Against the simulated path: the 95% filtered band at the posterior draws covers most of it
+    # (measured: 100% at T = 20, 97% at T = 60, 93% at T = 100). The smoothed and forecast bands
+    # come from five single paths and draws here, too few for a coverage check.
+    # A band that covers by being wide fails the second check: the band's centre stays within
+    # twice the path's own SD of it (measured: 1.00 against an SD of 1.16 at these settings).
+    assert results["coverage"] >= 0.8
+    assert results["filtered_rmse"] < 2 * results["path_sd"]
 
 
 def test_lotka_volterra(tmp_path):
@@ -88,11 +107,9 @@ def test_lotka_volterra(tmp_path):
         + QUIET,
         tmp_path,
     )
-    for name in ("alpha", "gamma", "hare_equilibrium", "lynx_equilibrium", "tau", "sigma"):
-        assert results[f"{name}_mean"] > 0
-    assert results["beta_mean"] > 0 and results["delta_mean"] > 0
-    assert 0 <= results["record_coverage"] <= 1
-    assert 0 <= results["forecast_coverage"] <= 1
+    # Against the records themselves: the 90% filtered predictive band covers most of them
+    # (measured: 100% of the 17 years at these settings).
+    assert results["record_coverage"] >= 0.75
 
 
 def test_lotka_volterra_data():
@@ -109,7 +126,8 @@ def test_blackjax_nuts(tmp_path):
         + QUIET,
         tmp_path,
     )
-    for sampler in ("numpyro", "blackjax", "exact"):
-        assert -0.99 < results[f"theta_1_{sampler}_mean"] < 0.99
-        assert results[f"theta_2_{sampler}_mean"] > 0
+    # Both samplers of the same particle model against NUTS on the exact likelihood (measured for
+    # theta_1: 1.3 exact SDs for NumPyro, 0.5 for blackjax, at 30 draws; see test_linear_gaussian).
+    for sampler in ("numpyro", "blackjax"):
+        assert_near_exact(results, f"_{sampler}", prior_sd={"theta_1": 0.57, "theta_2": 0.60})
     assert results["theta_1_blackjax_ess"] > 0
