@@ -24,11 +24,13 @@ demo: $(VENV)/.installed-examples
 # float64, since users run both (argument checks and transforms do not depend on the dtype).
 # The filter's oracle tests switch float64 on themselves. Two pytest-xdist workers (one test
 # file each at a time, so module fixtures are compiled once): most tests are dominated by
-# single-threaded XLA compilation, so two processes use both cores of a CI machine.
+# single-threaded XLA compilation, so two processes use both cores of a CI machine. A worker
+# that dies ends the run at once (--max-worker-restart=0): after one crash pytest-xdist went on
+# waiting until CI's time limit instead of reporting it.
 PYTEST_WORKERS ?= 2
 X64_TESTS = $(filter-out %/test_bad_input.py %/test_transforms.py,$(wildcard tests/resampling/test_*.py))
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --max-worker-restart=0
 	JAX_ENABLE_X64=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" $(X64_TESTS)
 
 lint: $(VENV)/.installed-test
