@@ -9,6 +9,8 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 QUIET = ["--no-progress"]
+# Prior SDs of the linear-Gaussian examples' parameters: U(-0.99, 0.99) and LogNormal(0, 0.5).
+LINEAR_GAUSSIAN_PRIOR_SD = {"theta_1": 0.57, "theta_2": 0.60}
 
 
 @pytest.fixture(autouse=True)
@@ -64,11 +66,9 @@ def test_linear_gaussian(tmp_path):
     # N = 8, 30 draws) each mean carries a Monte Carlo error of about 0.3 exact SD and the
     # fixed-noise surrogate a bias of similar size, so the bound is two exact SDs (measured: 0.8
     # for theta_1, 0.2 for theta_2). The data must also have narrowed the particle posterior
-    # below the prior's SD (U(-0.99, 0.99): 0.57; LogNormal(0, 0.5): 0.60), which a likelihood
-    # that ignored the observations would not.
-    assert_near_exact(results, "", prior_sd={"theta_1": 0.57, "theta_2": 0.60})
-    for name in ("theta_1", "theta_2"):
-        true = {"theta_1": 0.5, "theta_2": 1.0}[name]
+    # below the prior's SD, which a likelihood that ignored the observations would not.
+    assert_near_exact(results, "", prior_sd=LINEAR_GAUSSIAN_PRIOR_SD)
+    for name, true in load("linear_gaussian").TRUE.items():
         assert abs(results[f"{name}_exact_mean"] - true) < 3 * results[f"{name}_exact_sd"], name
 
 
@@ -129,5 +129,5 @@ def test_blackjax_nuts(tmp_path):
     # Both samplers of the same particle model against NUTS on the exact likelihood (measured for
     # theta_1: 1.3 exact SDs for NumPyro, 0.5 for blackjax, at 30 draws; see test_linear_gaussian).
     for sampler in ("numpyro", "blackjax"):
-        assert_near_exact(results, f"_{sampler}", prior_sd={"theta_1": 0.57, "theta_2": 0.60})
+        assert_near_exact(results, f"_{sampler}", prior_sd=LINEAR_GAUSSIAN_PRIOR_SD)
     assert results["theta_1_blackjax_ess"] > 0
