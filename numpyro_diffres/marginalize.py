@@ -56,16 +56,23 @@ from jax.extend import core as jax_core
 from jax.flatten_util import ravel_pytree
 from numpyro import handlers
 from numpyro.ops.pytree import PytreeTrace
-from numpyro.primitives import Messenger
+from numpyro.primitives import _PYRO_STACK, Messenger
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.checks import check_callable, check_count, check_fraction, check_key
 from numpyro_diffres.filtering import FilterResult, run_filter
 from numpyro_diffres.guards import safe_log_prob
-from numpyro_diffres.resampling import Resampler, adaptive, diffusion
+from numpyro_diffres.resampling import Resampler, adaptive, diffusion, systematic
 from numpyro_diffres.resampling.adaptive import Adaptive
 from numpyro_diffres.resampling.diffusion import Diffusion
 from numpyro_diffres.resampling.optimal_transport import OptimalTransport
+from numpyro_diffres.smoothing import (
+    SMOOTHING_METHODS,
+    backward_simulation,
+    forward_pass,
+    mark_impossible,
+    trace_genealogy,
+)
 
 __all__ = ["marginalize"]
 
@@ -102,6 +109,13 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
             default: found from the model (the latent sites the initial carry is computed
             from). Only with a wrapped `fn`.
         ess_threshold: resample when ESS < `ess_threshold * N`; keep 1.0 under NUTS.
+        latent_paths: also record one smoothed draw of the latent sites, under their own
+            names and with the shapes NUTS over the latents would give them (`(T, ...)` for a
+            body site, the site's shape for an initial site), as deterministic sites. For
+            `Predictive` after the fit (a fresh key per draw gives one path per posterior
+            draw); under MCMC they would be recomputed at every draw.
+        smoothing: how the paths are drawn: `"backward"` (FFBSi, default) or `"genealogy"`
+            (ancestor tracing; cheaper, degenerate for long series). See `latent_paths`.
 
     Raises:
         TypeError: bad `key`, `resampler`, `name` or `initial_sites`.
@@ -119,8 +133,16 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
         name: str | None = None,
         initial_sites: tuple[str, ...] | list[str] | None = None,
         ess_threshold: float = 1.0,
+        latent_paths: bool = False,
+        smoothing: str = "backward",
     ) -> None:
         self.num_particles = check_count("num_particles", num_particles, minimum=2)
+        if not isinstance(latent_paths, bool):
+            raise TypeError(f"latent_paths must be a bool, got {latent_paths!r}.")
+        if smoothing not in SMOOTHING_METHODS:
+            raise ValueError(f"smoothing must be one of {SMOOTHING_METHODS}, got {smoothing!r}.")
+        self.latent_paths = latent_paths
+        self.smoothing = smoothing
         resampler = diffusion() if resampler is None else resampler
         check_callable(
             "resampler",
@@ -304,11 +326,30 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
             num_particles=self.num_particles,
             resampler=self.resampler,
         )
+        paths = {}
+        if self.latent_paths:
+            paths = _smoothed_sites(
+                jax.random.fold_in(key, 1),
+                body,
+                info,
+                _PathStart(
+                    init,
+                    draw_first if initial_form else None,
+                    {site["name"]: site["value"] for site in self._initial},
+                    carry_shape,
+                ),
+                num_steps,
+                self.num_particles,
+                self.smoothing,
+            )
         with handlers.block(), handlers.trace() as factor_trace:
             numpyro.factor(name, result.log_likelihood_increments)
-        # `block` marked the recorded message as stopped; the scan re-applies it to the
-        # handlers outside, which must all see it.
-        factor_trace[name].pop("stop", None)
+            for site_name, value in paths.items():
+                numpyro.deterministic(site_name, value)
+        # `block` marked the recorded messages as stopped; the scan re-applies them to the
+        # handlers outside, which must all see them.
+        for site in factor_trace.values():
+            site.pop("stop", None)
         final_carry = unravel(result.filtered_mean[-1])
         ys = jax.tree.map(
             lambda s: jnp.full((length, *s.shape), jnp.nan if _floating(s) else 0, s.dtype),
@@ -352,6 +393,11 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
         def run(key, values):
             """One particle: `(initial carry, log-weight)`; `values` fixes initial sites."""
             stopper = _StopAtScan()
+            # The model's own wrappers (e.g. `marginalize(condition(model, ...))`) are already
+            # on NumPyro's handler stack: entered again here, the exception that stops the run
+            # makes their `__exit__` pop the stack from their first, outer entry. The stack
+            # must be what it was.
+            stack = list(_PYRO_STACK)
             try:
                 with (
                     handlers.block(),
@@ -362,7 +408,7 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
                 ):
                     model(*args, **kwargs)
             except _ScanReached:
-                pass
+                _PYRO_STACK[:] = stack
             log_weight = jnp.zeros((), jnp.result_type(float))
             for site_name in prefix_observed:
                 log_weight = log_weight + _observed_log_prob(prefix_trace[site_name])
@@ -371,18 +417,22 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
                 if _floating(value):
                     finite = jnp.all(jnp.isfinite(value))
                     log_weight = jnp.where(finite, log_weight, -jnp.inf)
-            return stopper.init, log_weight
+            values = {site["name"]: prefix_trace[site["name"]]["value"] for site in initial}
+            return stopper.init, log_weight, values
 
-        def draw(key, num_particles):
+        def draw(key, num_particles, record=False):
+            """Initial carries and log-weights (and, with `record`, the initial sites)."""
             if len(initial) == 1:
                 # One initial site: drawn as a StateSpaceModel's initial distribution is, so
                 # the same key gives the same cloud.
                 site = initial[0]
                 shape = (num_particles, *site["kwargs"]["sample_shape"])
                 values = site["fn"].sample(key, shape)
-                return jax.vmap(lambda v: run(key, {site["name"]: v}))(values)
-            keys = jax.random.split(key, num_particles)
-            return jax.vmap(lambda k: run(k, {}))(keys)
+                drawn = jax.vmap(lambda v: run(key, {site["name"]: v}))(values)
+            else:
+                keys = jax.random.split(key, num_particles)
+                drawn = jax.vmap(lambda k: run(k, {}))(keys)
+            return drawn if record else drawn[:2]
 
         return draw
 
@@ -390,6 +440,8 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
 class _BodyInfo(NamedTuple):
     first_observed: str
     output_shape: Any
+    latent_shapes: dict[str, jax.ShapeDtypeStruct]
+    deterministic_shapes: dict[str, jax.ShapeDtypeStruct]
 
 
 class _Body:
@@ -405,13 +457,17 @@ class _Body:
     def _inputs(self, index):
         return jax.tree.map(lambda a: jnp.take(jnp.asarray(a), index, axis=0), self.xs)
 
-    def _run(self, key, carry, index):
+    def _run(self, key, carry, index, values=None):
+        """Run the body once; `values` fixes latent sites (no draw for them)."""
         data = {}
         for condition in self.conditions:
             for site_name, value in condition.items():
                 data[site_name] = value
         with handlers.block(), handlers.trace() as body_trace, _KeyedSites(key):
-            with _IndexedCondition(data, index, self.length):
+            with (
+                _IndexedCondition(data, index, self.length),
+                handlers.substitute(data=values or {}),
+            ):
                 new_carry, output = self.f(carry, self._inputs(index))
         return new_carry, output, body_trace
 
@@ -422,6 +478,17 @@ class _Body:
         def trace_once(carry):
             new_carry, output, body_trace = self._run(jax.random.PRNGKey(0), carry, jnp.int32(0))
             found["trace"] = body_trace
+            for kind, keep in (
+                ("latent_shapes", _is_latent),
+                ("deterministic_shapes", _is_deterministic),
+            ):
+                found[kind] = {
+                    site["name"]: jax.ShapeDtypeStruct(
+                        jnp.shape(site["value"]), site["value"].dtype
+                    )
+                    for site in body_trace.values()
+                    if keep(site)
+                }
             return new_carry, output
 
         new_shape, output_shape = jax.eval_shape(trace_once, carry_shape)
@@ -457,10 +524,16 @@ class _Body:
                 f"shapes {[shape for shape, _ in old]} and the body returns "
                 f"{[shape for shape, _ in new]}. Draw x_0 with the shape of later states."
             )
-        return _BodyInfo(observed[0]["name"], output_shape)
+        return _BodyInfo(
+            observed[0]["name"], output_shape, found["latent_shapes"], found["deterministic_shapes"]
+        )
 
-    def step(self, key, carry, index):
-        """`(new particle vector, log_correction, log_likelihood)` for one particle."""
+    def step(self, key, carry, index, record=False):
+        """`(new particle vector, log_correction, log_likelihood)` for one particle.
+
+        With `record`, the values of the latent and of the deterministic sites (two dicts) are
+        appended as a fourth and fifth output.
+        """
         new_carry, _, body_trace = self._run(key, carry, index)
         new_carry = jax.tree.map(
             lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), new_carry, carry
@@ -477,7 +550,122 @@ class _Body:
             # NaN poisoning the cloud.
             flat = jnp.where(finite, flat, jnp.zeros_like(flat))
             log_correction = jnp.where(finite, log_correction, -jnp.inf)
+        if record:
+            sites = body_trace.values()
+            latent = {site["name"]: site["value"] for site in sites if _is_latent(site)}
+            recorded = {site["name"]: site["value"] for site in sites if _is_deterministic(site)}
+            return flat, log_correction, log_likelihood, latent, recorded
         return flat, log_correction, log_likelihood
+
+    def log_density(self, carry, index, values):
+        """`(new carry vector, log p(latent sites = values, observed sites | carry))`."""
+        new_carry, _, body_trace = self._run(jax.random.PRNGKey(0), carry, index, values)
+        new_carry = jax.tree.map(
+            lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), new_carry, carry
+        )
+        log_density = jnp.zeros((), jnp.result_type(float))
+        for site in body_trace.values():
+            if _is_latent(site):
+                log_density = log_density + jnp.sum(safe_log_prob(site["fn"], site["value"]))
+            elif _is_observed(site):
+                log_density = log_density + _observed_log_prob(site)
+        return ravel_pytree(new_carry)[0], log_density
+
+
+class _PathStart(NamedTuple):
+    """How the filter starts: a fixed carry, or a draw of the sites before the scan."""
+
+    init: Any
+    draw_first: Callable | None
+    initial_values: dict[str, Array]
+    carry_shape: Any
+
+
+def _smoothed_sites(key, body, info, start, num_steps, num_particles, method) -> dict:
+    """One smoothed draw of the latent sites, `{name: value}` with NUTS's shapes.
+
+    A forward filter with systematic resampling stores, per particle and step, the carry and
+    the latent sites' values (the initial sites at $t = 0$ in the form that draws them before
+    the scan). FFBSi then needs the density of step $t + 1$ given a particle at $t$: the body
+    is re-run on that particle's carry with the latent sites fixed to the following values,
+    and the carry it returns must equal the following carry (the carry is a function of the
+    previous one and the sites, so the transition of (carry, sites) has a point mass there).
+    When the carry is the latent site itself (the common case) every particle qualifies and
+    this is FFBSi on the latent states; when it also depends on the previous carry only the
+    ancestor qualifies and the draw follows the genealogy.
+    """
+    offset = 1 if start.draw_first is not None else 0
+    carry_template = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), start.carry_shape)
+    flat_carry, unravel_carry = ravel_pytree(carry_template)
+    no_sites = {name: jnp.zeros(s.shape, s.dtype) for name, s in info.latent_shapes.items()}
+    none_recorded = {
+        name: jnp.zeros(s.shape, s.dtype) for name, s in info.deterministic_shapes.items()
+    }
+    no_initial = {name: jnp.zeros_like(value) for name, value in start.initial_values.items()}
+    _, unravel = ravel_pytree(
+        {"carry": flat_carry, "initial": no_initial, "sites": no_sites, "recorded": none_recorded}
+    )
+
+    def pack(carry, initial, sites, recorded):
+        parts = {"carry": carry, "initial": initial, "sites": sites, "recorded": recorded}
+        return ravel_pytree(parts)[0]
+
+    class Kernel:
+        def initialize(self, key, num_particles, observation, missing):
+            if start.draw_first is not None:
+                carries, log_weights, initial = start.draw_first(key, num_particles, record=True)
+                carries = jax.vmap(lambda c: ravel_pytree(c)[0])(carries)
+                sites, recorded = jax.tree.map(
+                    lambda z: jnp.broadcast_to(z, (num_particles, *z.shape)),
+                    (no_sites, none_recorded),
+                )
+            else:
+                keys = jax.random.split(key, num_particles)
+                carries, log_correction, log_likelihood, sites, recorded = jax.vmap(
+                    lambda k: body.step(k, start.init, jnp.int32(0), record=True)
+                )(keys)
+                log_weights = log_correction + log_likelihood
+                initial = no_initial
+            particles = jax.vmap(pack, in_axes=(0, 0 if offset else None, 0, 0))(
+                carries, initial, sites, recorded
+            )
+            return particles, log_weights - math.log(num_particles)
+
+        def propagate(self, key, particle, time, observation, missing):
+            carry = unravel_carry(unravel(particle)["carry"])
+            new, log_correction, log_likelihood, sites, recorded = body.step(
+                key, carry, time - offset, record=True
+            )
+            return pack(new, no_initial, sites, recorded), log_correction, log_likelihood
+
+    def log_transition(particle, following, t):
+        current, following = unravel(particle), unravel(following)
+        carry, log_density = body.log_density(
+            unravel_carry(current["carry"]), t + 1 - offset, following["sites"]
+        )
+        target = following["carry"]
+        if _floating(target):
+            tolerance = 1e3 * float(jnp.finfo(target.dtype).eps)
+            close = jnp.abs(carry - target) <= tolerance * (1.0 + jnp.abs(target))
+        else:
+            close = carry == target
+        return jnp.where(jnp.all(close) & jnp.isfinite(log_density), log_density, -jnp.inf)
+
+    forward_key, draw_key, backward_key = jax.random.split(key, 3)
+    observations = jnp.zeros((num_steps,), flat_carry.dtype)
+    final, history = forward_pass(
+        forward_key, Kernel(), observations, num_particles, systematic(), True
+    )
+    last = jax.random.categorical(draw_key, final.log_weights, shape=(1,))
+    if method == "backward":
+        paths, possible = backward_simulation(backward_key, log_transition, history, last)
+    else:
+        paths, possible = trace_genealogy(history, last)
+    path = jax.vmap(unravel)(mark_impossible(paths, possible & final.alive)[0])
+    values = {name: value[0] for name, value in path["initial"].items()}
+    for part in ("sites", "recorded"):
+        values.update({name: value[offset:] for name, value in path[part].items()})
+    return values
 
 
 class _KeyedSites(Messenger):
@@ -746,6 +934,10 @@ def _observed_log_prob(site: dict) -> Array:
 
 def _is_latent(site: dict) -> bool:
     return site["type"] == "sample" and not site["is_observed"]
+
+
+def _is_deterministic(site: dict) -> bool:
+    return site["type"] == "deterministic"
 
 
 def _is_observed(site: dict) -> bool:

@@ -101,13 +101,17 @@ def particle_smoother(
         model, observations, num_particles, resampler, dtype
     )
     forward_key, draw_key, backward_key = jax.random.split(key, 3)
-    final, history = _forward(forward_key, kernel, observations, num_particles, resampler, True)
+    final, history = forward_pass(forward_key, kernel, observations, num_particles, resampler, True)
     last = jax.random.categorical(draw_key, final.log_weights, shape=(num_paths,))
     if method == "backward":
-        paths, possible = _backward_simulation(backward_key, model, history, last)
+
+        def log_transition(x, x_next, t):
+            return _log_transition(model.transition(x, t + 1), x_next)
+
+        paths, possible = backward_simulation(backward_key, log_transition, history, last)
     else:
-        paths, possible = _trace_genealogy(history, last)
-    return _mark_impossible(paths, possible & final.alive)
+        paths, possible = trace_genealogy(history, last)
+    return mark_impossible(paths, possible & final.alive)
 
 
 def forecast(
@@ -152,7 +156,7 @@ def forecast(
         model, observations, num_particles, resampler, dtype
     )
     forward_key, draw_key, ahead_key = jax.random.split(key, 3)
-    final, _ = _forward(forward_key, kernel, observations, num_particles, resampler, False)
+    final, _ = forward_pass(forward_key, kernel, observations, num_particles, resampler, False)
     last = jax.random.categorical(draw_key, final.log_weights, shape=(num_paths,))
     start = final.particles[last]
     num_steps = observations.shape[0]
@@ -165,8 +169,8 @@ def forecast(
         new = cast(transition.sample(transition_key))
         emission, emission_valid = guard(model.emission(new, t))
         observation = emission.sample(emission_key)
-        new = _mark_impossible(new, transition_valid)
-        return new, (new, _mark_impossible(observation, transition_valid & emission_valid))
+        new = mark_impossible(new, transition_valid)
+        return new, (new, mark_impossible(observation, transition_valid & emission_valid))
 
     def one_path(path_key, state):
         keys = jax.random.split(path_key, num_steps_ahead)
@@ -175,7 +179,7 @@ def forecast(
         return states, emitted
 
     states, emitted = jax.vmap(one_path)(jax.random.split(ahead_key, num_paths), start)
-    return _mark_impossible(states, final.alive), _mark_impossible(emitted, final.alive)
+    return mark_impossible(states, final.alive), mark_impossible(emitted, final.alive)
 
 
 def _prepare(model, observations, num_particles, resampler, dtype):
@@ -210,7 +214,7 @@ def _prepare(model, observations, num_particles, resampler, dtype):
     return state_space_kernel(model, dtype=dtype), observations, resampler, num_particles
 
 
-def _forward(key, kernel, observations, num_particles, resampler, store):
+def forward_pass(key, kernel, observations, num_particles, resampler, store):
     """Filter with index resampling at every step; optionally keep every cloud and ancestry."""
     missing, filled = fill_missing(observations)
     initial_key, steps_key = jax.random.split(key)
@@ -245,18 +249,20 @@ def _forward(key, kernel, observations, num_particles, resampler, store):
     return final, history
 
 
-def _backward_simulation(key, model, history, last):
-    """FFBSi: paths `(M, T, ...)` and whether every backward draw had a possible ancestor."""
+def backward_simulation(key, log_transition, history, last):
+    """FFBSi: paths `(M, T, ...)` and whether every backward draw had a possible ancestor.
+
+    `log_transition(x_t, x_next, t)` is $\\log f(x_{t+1} \\mid x_t)$ for one pair of particles
+    ($-\\infty$ where impossible); `history` comes from `forward_pass(..., store=True)` and
+    `last` indexes the final cloud.
+    """
     end = history.particles[-1][last]
 
     def body(following, inputs):
         step_key, t, particles, log_weights = inputs
 
         def logits(x_next):
-            log_transition = jax.vmap(
-                lambda x: _log_transition(model.transition(x, t + 1), x_next)
-            )(particles)
-            return log_weights + log_transition
+            return log_weights + jax.vmap(lambda x: log_transition(x, x_next, t))(particles)
 
         table = jax.vmap(logits)(following)
         chosen = jax.random.categorical(step_key, table, axis=-1)
@@ -288,7 +294,7 @@ def _log_transition(transition, value):
     return jnp.where(valid & jnp.isfinite(log_prob), log_prob, -jnp.inf)
 
 
-def _trace_genealogy(history, last):
+def trace_genealogy(history, last):
     """Follow ancestor indices back from the drawn final particles: paths `(M, T, ...)`."""
 
     def body(index, inputs):
@@ -302,7 +308,7 @@ def _trace_genealogy(history, last):
     return jnp.moveaxis(paths, 0, 1), jnp.ones(last.shape, bool)
 
 
-def _mark_impossible(values: Array, possible: Array) -> Array:
+def mark_impossible(values: Array, possible: Array) -> Array:
     """`values` where `possible` (broadcast from the leading axes), else NaN / the min int."""
     possible = jnp.asarray(possible)
     possible = possible.reshape(possible.shape + (1,) * (values.ndim - possible.ndim))

@@ -8,7 +8,7 @@ import numpyro.distributions as dist
 import pytest
 from numpy.testing import assert_allclose
 from numpyro.contrib.control_flow import scan
-from numpyro.infer import MCMC, NUTS
+from numpyro.infer import MCMC, NUTS, Predictive
 from numpyro.infer.util import log_density
 
 import numpyro_diffres as ndr
@@ -304,6 +304,10 @@ def test_bad_settings_raise():
         marginalize(x0_before_scan, num_particles=4, key=3)
     with pytest.raises(TypeError, match="initial_sites"):
         marginalize(x0_before_scan, num_particles=4, initial_sites="x0")
+    with pytest.raises(TypeError, match="latent_paths"):
+        marginalize(x0_before_scan, num_particles=4, latent_paths=1)
+    with pytest.raises(ValueError, match="smoothing"):
+        marginalize(x0_before_scan, num_particles=4, smoothing="rts")
 
 
 # ------------------------------------------------------------------ NUTS, both ways
@@ -326,7 +330,7 @@ def stochastic_volatility(returns):
 
     def body(x, r):
         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
-        x = mu + phi * (x - mu) + sigma * z
+        x = numpyro.deterministic("x", mu + phi * (x - mu) + sigma * z)
         numpyro.sample("r", dist.Normal(0.0, jnp.exp(x / 2.0)), obs=r)
         return x, None
 
@@ -359,3 +363,19 @@ def test_nuts_over_statics_agrees_with_nuts_over_all_latents():
         sd = float(exact[name].std())
         assert abs(float(filtered[name].mean() - exact[name].mean())) < 0.3 * sd, name
         assert abs(float(filtered[name].std()) / sd - 1.0) < 0.3, name
+    # The latent sites, site by site: one smoothed path per posterior draw of the statics.
+    paths = Predictive(
+        marginalize(
+            stochastic_volatility,
+            num_particles=128,
+            resampler=resampling.diffusion(num_steps=4),
+            latent_paths=True,
+        ),
+        filtered,
+    )(jax.random.PRNGKey(3), returns)
+    for name in ("z0", "z", "x"):
+        assert paths[name].shape[1:] == exact[name].shape[1:], name
+        sd = np.asarray(exact[name].std(0))
+        shift = np.abs(np.asarray(paths[name].mean(0) - exact[name].mean(0))) / sd
+        assert np.max(shift) < 0.5, (name, np.max(shift))
+        assert abs(np.median(np.asarray(paths[name].std(0)) / sd) - 1.0) < 0.3, name
