@@ -712,6 +712,13 @@ def write_markdown(report, path):
             f"{report['surrogate_posterior']['sd']:.3f}."
             if report.get("surrogate_posterior")
             else ""
+        )
+        + (
+            " The NUTS section was rerun on its own (`--nuts-only`) on {date} (load average "
+            "{load_average_start} at start, {seconds:.0f} s), on the data and reference "
+            "above.".format(**report["nuts_rerun"])
+            if report.get("nuts_rerun")
+            else ""
         ),
         "",
         "| SVI (AutoDelta from sv = 2, Adam 0.05) | N | steps | final sv | finite losses | s |",

@@ -99,6 +99,22 @@ def test_stochastic_volatility(tmp_path):
     assert results["filtered_rmse"] < 2 * results["path_sd"]
 
 
+def test_hierarchical_volatility(tmp_path):
+    results = run(
+        "hierarchical_volatility",
+        ["--num-series", "6", "--num-steps", "50", "--num-particles", "16"]
+        + ["--svi-steps", "150", "--num-warmup", "15", "--num-samples", "15"]
+        + ["--max-tree-depth", "4"]
+        + QUIET,
+        tmp_path,
+    )
+    # Against the simulated levels: the partially pooled estimates of each series' level beat
+    # the population mean as a guess for every series (which is what the levels would get if
+    # the plate mixed the series up or ignored their data). Measured at these settings: RMSE
+    # 0.55 against 0.87; with the series reversed against their levels the RMSE was 1.3.
+    assert results["mu_rmse"] < 0.8 * results["population_rmse"]
+
+
 def test_lotka_volterra(tmp_path):
     results = run(
         "lotka_volterra",
