@@ -52,37 +52,19 @@ from numpyro.infer.initialization import init_to_value
 import numpyro_diffres as ndr
 from numpyro_diffres import diagnostics, resampling
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _models import (  # noqa: E402
+    GROWTH_PRIOR_SCALE,
+    GROWTH_TRUE_SV,
+    growth,
+    growth_observations,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "roughness.json"
 FIGURES = ROOT / "docs" / "figures"
-TRUE_SV = float(np.sqrt(10.0))
-PRIOR_SCALE = 5.0
-
-
-def growth_mean(x, t):
-    """Transition mean of the growth model."""
-    return x / 2.0 + 25.0 * x / (1.0 + x**2) + 8.0 * jnp.cos(1.2 * t)
-
-
-def growth(sv, guided=False):
-    """The growth model; `guided` adds a linearised-emission (EKF-step) proposal."""
-    proposal = None
-    if guided:
-
-        def proposal(x, t, y):
-            mean = growth_mean(x, t)
-            slope = mean / 10.0  # d(x^2/20)/dx at the transition mean
-            gain = sv**2 * slope / (slope**2 * sv**2 + 1.0)
-            return dist.Normal(
-                mean + gain * (y - mean**2 / 20.0), sv * jnp.sqrt(1.0 - gain * slope)
-            )
-
-    return ndr.StateSpaceModel(
-        dist.Normal(0.0, jnp.sqrt(5.0)),
-        lambda x, t: dist.Normal(growth_mean(x, t), sv),
-        lambda x, t: dist.Normal(x**2 / 20.0, 1.0),
-        proposal,
-    )
+TRUE_SV = GROWTH_TRUE_SV
+PRIOR_SCALE = GROWTH_PRIOR_SCALE
 
 
 def ar1(phi):
@@ -209,6 +191,17 @@ def growth_configs(num_particles, quick):
         ("guided proposal, diffusion()", base, True, 1.0, 1),
         ("guided proposal, gradient_decay(diffusion(), 0)", decay(base, 0.0), True, 1.0, 1),
         ("mean of M=4 filters, diffusion()", base, False, 1.0, 4),
+        ("gradient_decay(diffusion(), 0.9) (L~10)", decay(base, 0.9), False, 1.0, 1),
+        (
+            "optimal_transport(epsilon=1.0)",
+            resampling.optimal_transport(epsilon=1.0),
+            False,
+            1.0,
+            1,
+        ),
+        ("soft(alpha=0.5)", resampling.soft(0.5), False, 1.0, 1),
+        ("gumbel_softmax(tau=0.3)", resampling.gumbel_softmax(0.3), False, 1.0, 1),
+        ("stop_gradient(systematic())", resampling.stop_gradient(), False, 1.0, 1),
     ]
     if quick:
         rows = [rows[i] for i in (0, 7)]
@@ -354,6 +347,69 @@ def save_partial(path, **sections):
     path.with_suffix(".partial.json").write_text(json.dumps(sections, indent=1))
 
 
+BIAS_NAMES = (
+    "gradient_decay(diffusion(), 0) (L=1)",
+    "guided proposal, gradient_decay(diffusion(), 0)",
+)
+
+
+def growth_row(config, observations, grid, slope, quick):
+    """Roughness of one configuration on the growth model (one fixed key): row and curves."""
+    start = time.perf_counter()
+    fixed_key = jax.random.PRNGKey(1)
+    values, grads = gradients_on_grid(growth, observations, grid, config, fixed_key[None])
+    row = {
+        "name": config["name"],
+        "num_particles": config["num_particles"],
+        "average": config["average"],
+        **roughness_numbers(grads[0], slope),
+    }
+    if config["name"] in BIAS_NAMES and not quick:
+        keys = jax.random.split(jax.random.PRNGKey(31), 4)
+        every = slice(None, None, 3)
+        _, many = gradients_on_grid(growth, observations, grid[every], config, keys)
+        row.update(bias_numbers(many, slope[every]))
+    row["seconds"] = time.perf_counter() - start
+    return row, {"values": values[0].tolist(), "gradient": grads[0].tolist()}
+
+
+def add_rows(out):
+    """Measure the configurations missing from the report at `out` on its data and reference."""
+    report = json.loads(out.read_text())
+    config = report["config"]
+    begin = time.perf_counter()
+    load_start = os.getloadavg()
+    observations = growth_observations(config["num_steps"])
+    grid = jnp.asarray(report["reference"]["grid"])
+    slope = np.asarray(report["reference"]["slope"])
+    done = {row["name"]: row for row in report["growth"]}
+    rows = []
+    for entry in growth_configs(config["num_particles"], config["quick"]):
+        if entry["name"] in done:
+            rows.append(done[entry["name"]])
+            continue
+        row, report["curves"][entry["name"]] = growth_row(
+            entry, observations, grid, slope, config["quick"]
+        )
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        save_partial(out, growth=rows)
+    report["growth"] = rows
+    report.setdefault("rows_added", []).append(
+        {
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "names": [row["name"] for row in rows if row["name"] not in done],
+            "load_average_start": list(load_start),
+            "load_average_end": list(os.getloadavg()),
+            "seconds": time.perf_counter() - begin,
+        }
+    )
+    out.write_text(json.dumps(report, indent=1))
+    write_markdown(report, out.with_suffix(".md"))
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
+    return report
+
+
 def nuts_section(observations, num_particles, best, warmup, samples, posterior_grid, exact):
     """NUTS with the best configuration, and the fixed-key surface it samples by quadrature."""
     nuts_key = jax.random.PRNGKey(1)
@@ -391,7 +447,7 @@ def rerun_nuts(out):
         raise SystemExit(f"{out} holds a --quick run; --nuts-only reruns a full report.")
     begin = time.perf_counter()
     load_start = os.getloadavg()
-    _, observations = ndr.simulate(jax.random.PRNGKey(0), growth(TRUE_SV), config["num_steps"])
+    observations = growth_observations(config["num_steps"])
     num_particles = config["num_particles"]
     configs = {c["name"]: c for c in growth_configs(num_particles, False)}
     best = configs["guided proposal, gradient_decay(diffusion(), 0)"]
@@ -427,9 +483,16 @@ def main(argv=None):
         action="store_true",
         help="rerun only the NUTS section, keeping the other sections of the report at --out",
     )
+    parser.add_argument(
+        "--add-rows",
+        action="store_true",
+        help="measure only the growth-model configurations missing from the report at --out",
+    )
     args = parser.parse_args(argv)
     if args.nuts_only:
         return rerun_nuts(args.out)
+    if args.add_rows:
+        return add_rows(args.out)
     quick = args.quick
     begin = time.perf_counter()
     load_start = os.getloadavg()
@@ -438,7 +501,7 @@ def main(argv=None):
     num_particles = 32 if quick else 256
     grid = jnp.linspace(2.0, 5.0, 10 if quick else 61)
     reference_particles, reference_keys = (256, 16) if quick else (2048, 64)
-    _, observations = ndr.simulate(jax.random.PRNGKey(0), growth(TRUE_SV), num_steps)
+    observations = growth_observations(num_steps)
 
     start = time.perf_counter()
     reference = averaged_values(
@@ -473,29 +536,10 @@ def main(argv=None):
     print(json.dumps({k: reference_report[k] for k in ("slope_range", "posterior", "seconds")}))
 
     # Growth model: roughness per configuration, one fixed key.
-    fixed_key = jax.random.PRNGKey(1)
     rows, curves = [], {}
-    bias_names = (
-        "gradient_decay(diffusion(), 0) (L=1)",
-        "guided proposal, gradient_decay(diffusion(), 0)",
-    )
     for config in growth_configs(num_particles, quick):
-        start = time.perf_counter()
-        values, grads = gradients_on_grid(growth, observations, grid, config, fixed_key[None])
-        row = {
-            "name": config["name"],
-            "num_particles": num_particles,
-            "average": config["average"],
-            **roughness_numbers(grads[0], slope),
-        }
-        if config["name"] in bias_names and not quick:
-            keys = jax.random.split(jax.random.PRNGKey(31), 4)
-            every = slice(None, None, 3)
-            _, many = gradients_on_grid(growth, observations, grid[every], config, keys)
-            row.update(bias_numbers(many, slope[every]))
-        row["seconds"] = time.perf_counter() - start
+        row, curves[config["name"]] = growth_row(config, observations, grid, slope, quick)
         rows.append(row)
-        curves[config["name"]] = {"values": values[0].tolist(), "gradient": grads[0].tolist()}
         print(json.dumps(row), flush=True)
 
     save_partial(args.out, reference=reference_report, growth=rows, curves=curves)
@@ -663,6 +707,12 @@ def write_markdown(report, path):
             f"| {row['sign_changes']}/{row['neighbour_pairs']} | {row['within_factor_3']:.2f} "
             f"| {bias} | {row['seconds']:.0f} |"
         )
+    for added in report.get("rows_added", []):
+        lines += [
+            "",
+            f"Rows {', '.join(added['names'])} added on {added['date']} (`--add-rows`, same data "
+            f"and reference; load average {added['load_average_start']} at start).",
+        ]
     lines += [
         "",
         "## The diagnostic (`diagnostics.filter_surface`, N = 64, 12 points, 8 keys, at sv = "

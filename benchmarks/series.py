@@ -214,9 +214,7 @@ def render(report: dict) -> str:
     lines = [
         "# Many series: particle_factor under numpyro.plate",
         "",
-        "Machine SHARED with other engineers' jobs during this run (2 CPUs): "
-        + load_line(meta)
-        + " Timings are indicative only.",
+        load_line(meta),
         "",
         f"Hierarchical AR(1)-plus-noise model, T = {config['num_steps']}, "
         f"N = {config['num_particles']} float32 particles, guided proposal, diffusion K = 4.",

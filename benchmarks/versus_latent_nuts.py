@@ -1,5 +1,9 @@
 """One NumPyro model function, fitted two ways: NUTS over all latents, or `marginalize` + NUTS.
 
+Two models. Stochastic volatility, where NUTS over the latents is at its best, and the
+nonlinear growth model of `roughness.py`, where it is not (each state's sign is ambiguous
+under y = x^2/20: a multimodal latent posterior).
+
 The stochastic-volatility model is written once as an ordinary NumPyro program (statics, a
 non-centred latent log-volatility path in a `scan`). (a) NUTS samples the statics and all
 T latent innovations; (b) `ndr.marginalize(model, num_particles=N)` integrates the path out
@@ -9,10 +13,20 @@ the statics, the time to 400 effective samples (warm-up + sampling time scaled t
 ESS), and the agreement of the statics' posteriors (mean difference in posterior SDs of (a),
 SD ratio).
 
+Growth model (T = 50, the data of `roughness.py`): the same two fits of one NumPyro program
+(centred latent path; (b) with the configuration `roughness.py` found smooth for a bootstrap
+filter, `gradient_decay(diffusion(), 0)`, N = 256), each against the reference posterior of
+$s_v$ stored in `results/roughness.json` (quadrature of the likelihood averaged over many keys
+of N = 2048 filters): error of the posterior mean in reference SDs, SD ratio, divergences and
+time to 400 effective samples.
+
     python benchmarks/versus_latent_nuts.py [--quick] [--out PATH] [--figure PATH]
+    python benchmarks/versus_latent_nuts.py --models growth   # rerun one model, keep the other
 """
 
 import argparse
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,16 +40,24 @@ from numpyro.diagnostics import effective_sample_size
 from numpyro.infer import MCMC, NUTS
 
 import numpyro_diffres as ndr
+from numpyro_diffres import resampling
 from numpyro_diffres.marginalize import marginalize
 
-try:
-    from _common import load_line, markdown_table, run_metadata, write_report
-except ImportError:  # run as a module from the repository root
-    from benchmarks._common import load_line, markdown_table, run_metadata, write_report
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    load_average,
+    load_line,
+    markdown_table,
+    run_metadata,
+    write_report,
+)
+from _models import GROWTH_PRIOR_SCALE, growth_mean, growth_observations  # noqa: E402
 
 STATICS = ("mu", "phi", "sigma")
 TRUE = {"mu": -1.0, "phi": 0.9, "sigma": 0.4}
 RESULTS = Path(__file__).resolve().parent / "results" / "versus_latent_nuts.json"
+ROUGHNESS = Path(__file__).resolve().parent / "results" / "roughness.json"
+MODELS = ("sv", "growth")
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "from_numpyro.png"
 
 
@@ -73,7 +95,22 @@ def simulate_returns(num_steps: int, seed: int):
     return ndr.simulate(jax.random.PRNGKey(seed), model, num_steps)[1]
 
 
-def fit(model, returns, *, num_warmup, num_samples, seed):
+def growth_program(y):
+    """The nonlinear growth model as an ordinary NumPyro program (centred latent path)."""
+    sv = numpyro.sample("sv", dist.HalfNormal(GROWTH_PRIOR_SCALE))
+    x0 = numpyro.sample("x0", dist.Normal(0.0, jnp.sqrt(5.0)))
+    numpyro.sample("y0", dist.Normal(x0**2 / 20.0, 1.0), obs=y[0])
+
+    def step(x, inputs):
+        t, y_t = inputs
+        x = numpyro.sample("x", dist.Normal(growth_mean(x, t), sv))
+        numpyro.sample("y", dist.Normal(x**2 / 20.0, 1.0), obs=y_t)
+        return x, None
+
+    scan(step, x0, (jnp.arange(1, y.shape[0]), y[1:]))
+
+
+def fit(model, returns, *, num_warmup, num_samples, seed, statics=STATICS):
     mcmc = MCMC(NUTS(model), num_warmup=num_warmup, num_samples=num_samples, progress_bar=False)
     key = jax.random.PRNGKey(seed)
     start = time.perf_counter()
@@ -81,11 +118,11 @@ def fit(model, returns, *, num_warmup, num_samples, seed):
     warmup_seconds = time.perf_counter() - start
     start = time.perf_counter()
     mcmc.run(mcmc.post_warmup_state.rng_key, returns)
-    samples = {name: np.asarray(mcmc.get_samples()[name]) for name in STATICS}
+    samples = {name: np.asarray(mcmc.get_samples()[name]) for name in statics}
     sampling_seconds = time.perf_counter() - start
     ess = {
         name: float(effective_sample_size(samples[name][None].astype(np.float64)))
-        for name in STATICS
+        for name in statics
     }
     divergences = int(np.sum(np.asarray(mcmc.get_extra_fields()["diverging"])))
     minimum = min(ess.values())
@@ -99,8 +136,8 @@ def fit(model, returns, *, num_warmup, num_samples, seed):
         "min_ess": minimum,
         "seconds_to_400_ess": warmup_seconds + sampling_seconds * 400.0 / minimum,
         "divergences": divergences,
-        "mean": {name: float(samples[name].mean()) for name in STATICS},
-        "sd": {name: float(samples[name].std()) for name in STATICS},
+        "mean": {name: float(samples[name].mean()) for name in statics},
+        "sd": {name: float(samples[name].std()) for name in statics},
     }, samples
 
 
@@ -138,8 +175,108 @@ def run_case(num_steps, settings, seed):
     return case, (latent_samples, marginal_samples)
 
 
+def run_growth(settings, seed):
+    """Both fits of the growth program, against the stored reference posterior of sv."""
+    observations = growth_observations(settings["growth_steps"])
+    latent, _ = fit(
+        growth_program,
+        observations,
+        num_warmup=settings["latent_warmup"],
+        num_samples=settings["latent_samples"],
+        seed=seed + 1,
+        statics=("sv",),
+    )
+    marginal, _ = fit(
+        marginalize(
+            growth_program,
+            num_particles=settings["growth_particles"],
+            resampler=resampling.gradient_decay(resampling.diffusion(), 0.0),
+        ),
+        observations,
+        num_warmup=settings["marginal_warmup"],
+        num_samples=settings["marginal_samples"],
+        seed=seed + 2,
+        statics=("sv",),
+    )
+    case = {
+        "num_steps": settings["growth_steps"],
+        "num_particles": settings["growth_particles"],
+        "latent_nuts": latent,
+        "marginalize_nuts": marginal,
+    }
+    if settings["growth_steps"] == json.loads(ROUGHNESS.read_text())["config"]["num_steps"]:
+        reference = json.loads(ROUGHNESS.read_text())["reference"]["posterior"]
+        case["reference"] = {"mean": reference["mean"], "sd": reference["sd"]}
+        for result in (latent, marginal):
+            result["error_in_reference_sd"] = (result["mean"]["sv"] - reference["mean"]) / (
+                reference["sd"]
+            )
+            result["sd_ratio_to_reference"] = result["sd"]["sv"] / reference["sd"]
+    return case
+
+
+def render_growth(case):
+    """The growth model's section of the report."""
+    lines = [
+        "",
+        "## A model where NUTS over the latents fails: nonlinear growth",
+        "",
+        f"The growth model of `roughness.py` (T = {case['num_steps']}, data simulated at "
+        "sv = sqrt(10)) written once as a NumPyro program with a centred latent path. (a) NUTS "
+        "over sv and all latent states; (b) `ndr.marginalize(model, num_particles="
+        f"{case['num_particles']}, resampler=gradient_decay(diffusion(), 0))` and NUTS over sv "
+        "only. One chain each, float32.",
+    ]
+    reference = case.get("reference")
+    if reference:
+        lines.append(
+            f"Reference posterior of sv (results/roughness.json): mean {reference['mean']:.3f},"
+            f" SD {reference['sd']:.3f}."
+        )
+    lines.append("")
+    rows = []
+    for label, key in (
+        ("NUTS, all latents", "latent_nuts"),
+        ("marginalize + NUTS", "marginalize_nuts"),
+    ):
+        result = case[key]
+        rows.append(
+            [
+                label,
+                f"{result['num_warmup']} + {result['num_samples']}",
+                result["total_seconds"],
+                result["min_ess"],
+                result["seconds_to_400_ess"],
+                result["divergences"],
+                result["mean"]["sv"],
+                result["sd"]["sv"],
+                result.get("error_in_reference_sd"),
+                result.get("sd_ratio_to_reference"),
+            ]
+        )
+    lines.append(
+        markdown_table(
+            [
+                "fit",
+                "warm-up + samples",
+                "s",
+                "ESS of sv",
+                "s to 400 ESS",
+                "divergences",
+                "mean of sv",
+                "SD of sv",
+                "mean error / ref. SD",
+                "SD / ref. SD",
+            ],
+            rows,
+            align="lrrrrrrrrr",
+        )
+    )
+    return lines
+
+
 def render(report):
-    meta = report["meta"]
+    meta = report.get("sv_meta", report["meta"])
     lines = [
         "# One NumPyro model, two fits: NUTS over all latents vs `marginalize` + NUTS",
         "",
@@ -225,7 +362,16 @@ def render(report):
             f"T = {case['num_steps']}: time to 400 ESS, marginalize / all-latents = "
             f"{case['time_to_400_ess_ratio']:.2f}."
         )
-    lines += ["", load_line(meta), ""]
+    lines += ["", load_line(meta)]
+    if report.get("growth"):
+        growth = report["growth"]
+        lines += render_growth(growth)
+        lines += [
+            "",
+            f"Growth section run {growth['date']}: {growth['seconds']:.0f} s, load average "
+            f"{growth['load_start']} at start, {growth['load_end']} at end.",
+        ]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -258,8 +404,16 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--figure", type=Path, default=None, help="posterior figure (PNG)")
-    parser.add_argument("--steps", type=int, nargs="+", default=None, help="values of T")
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="values of T (SV)")
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help="comma-separated subset of sv,growth; the other's section is kept from --out",
+    )
     args = parser.parse_args(argv)
+    models = args.models.split(",")
+    if not models or set(models) - set(MODELS):
+        parser.error(f"--models must be a comma-separated subset of {MODELS}, got {args.models}")
     if args.quick:
         settings = {
             "num_particles": 8,
@@ -267,6 +421,8 @@ def main(argv=None):
             "latent_samples": 50,
             "marginal_warmup": 20,
             "marginal_samples": 20,
+            "growth_steps": 10,
+            "growth_particles": 16,
         }
         steps = args.steps or [15]
     else:
@@ -276,19 +432,39 @@ def main(argv=None):
             "latent_samples": 2000,
             "marginal_warmup": 200,
             "marginal_samples": 300,
+            "growth_steps": 50,
+            "growth_particles": 256,
         }
         steps = args.steps or [100]
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     report = {"meta": run_metadata(**settings, steps=steps, dtype="float32"), "cases": []}
-    for num_steps in steps:
-        case, samples = run_case(num_steps, settings, seed=0)
-        report["cases"].append(case)
-        print(
-            f"T={num_steps}: ratio {case['time_to_400_ess_ratio']:.2f}",
-            {k: round(v["mean_difference_in_sd"], 3) for k, v in case["agreement"].items()},
-            flush=True,
+    if "sv" in models:
+        for num_steps in steps:
+            case, samples = run_case(num_steps, settings, seed=0)
+            report["cases"].append(case)
+            print(
+                f"T={num_steps}: ratio {case['time_to_400_ess_ratio']:.2f}",
+                {k: round(v["mean_difference_in_sd"], 3) for k, v in case["agreement"].items()},
+                flush=True,
+            )
+            if args.figure is not None and num_steps == steps[0]:
+                plot(args.figure, simulate_returns(num_steps, 0), samples)
+    elif previous.get("cases"):
+        report["cases"] = previous["cases"]
+        report["sv_meta"] = previous.get("sv_meta", previous["meta"])
+    if "growth" in models:
+        start, load_start = time.perf_counter(), load_average()
+        date = run_metadata()["date"]
+        report["growth"] = run_growth(settings, seed=0)
+        report["growth"].update(
+            date=date,
+            load_start=load_start,
+            load_end=load_average(),
+            seconds=time.perf_counter() - start,
         )
-        if args.figure is not None and num_steps == steps[0]:
-            plot(args.figure, simulate_returns(num_steps, 0), samples)
+        print(json.dumps(report["growth"], default=float), flush=True)
+    elif previous.get("growth"):
+        report["growth"] = previous["growth"]
     print(write_report(args.out, report, render))
 
 

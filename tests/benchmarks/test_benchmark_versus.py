@@ -16,3 +16,9 @@ def test_quick_benchmark_reports_both_fits(quick_benchmark):
         assert all(value > 0 for value in result["sd"].values())
     assert math.isfinite(case["time_to_400_ess_ratio"]) and case["time_to_400_ess_ratio"] > 0
     assert "marginalize + NUTS" in table
+    # The hard model: both fits of the growth program, sv only.
+    growth = report["growth"]
+    for key in ("latent_nuts", "marginalize_nuts"):
+        assert set(growth[key]["mean"]) == {"sv"} and growth[key]["sd"]["sv"] > 0
+        assert math.isfinite(growth[key]["seconds_to_400_ess"])
+    assert "nonlinear growth" in table
