@@ -56,10 +56,16 @@ def parse_arguments(argv=None):
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--quick", action="store_true", help="N = 16 only, T = 5 (smoke test)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--series-lengths",
+        default="100,500,1000,2000,5000",
+        help="T values of the long-series section (N = 64); empty to skip it",
+    )
     parser.add_argument("--measure-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.particles, args.num_time_steps = "16", 5
+        args.particles, args.num_time_steps, args.series_lengths = "16", 5, "10,20"
+    args.series_lengths = [int(t) for t in args.series_lengths.split(",") if t]
     args.particles = [int(n) for n in args.particles.split(",")]
     args.variants = args.variants.split(",")
     unknown = set(args.variants) - set(VARIANTS)
@@ -184,6 +190,75 @@ def measure(args) -> list[dict]:
     return rows
 
 
+LONG_SERIES_PARTICLES = 64
+
+
+def long_series(args) -> list[dict]:
+    """Per-gradient time and compiled temporary memory against T (N = 64).
+
+    Both checkpoint policies: is the cost linear in T, and what does the gradient hold?
+    """
+    import jax
+
+    jax.config.update("jax_enable_x64", args.x64)
+    import jax.numpy as jnp
+    import numpyro.distributions as dist
+    from _common import time_call
+
+    import numpyro_diffres as ndr
+
+    theta = jnp.asarray(TRUE)
+
+    def ar1(theta):
+        phi, q, r = theta[0], theta[1], theta[2]
+        return ndr.StateSpaceModel(
+            initial=dist.Normal(0.0, q / jnp.sqrt(1.0 - phi**2)),
+            transition=lambda x, t: dist.Normal(phi * x, q),
+            emission=lambda x, t: dist.Normal(x, r),
+        )
+
+    resampler = ndr.resampling.diffusion(num_steps=args.diffusion_steps)
+    key = jax.random.PRNGKey(1)
+    rows = []
+    for num_steps in args.series_lengths:
+        _, observations = ndr.simulate(jax.random.PRNGKey(0), ar1(theta), num_steps)
+        for checkpoint in (False, True):
+
+            def log_likelihood(theta, observations=observations, checkpoint=checkpoint):
+                return ndr.particle_filter(
+                    key,
+                    ar1(theta),
+                    observations,
+                    num_particles=LONG_SERIES_PARTICLES,
+                    resampler=resampler,
+                    checkpoint=checkpoint,
+                ).log_likelihood
+
+            function = jax.value_and_grad(log_likelihood)
+            timing = time_call(
+                function,
+                (theta,),
+                repeats=2 if args.quick else 5,
+                min_seconds=0.0 if args.quick else 2.0,
+                max_runs=50,
+            )
+            compiled = jax.jit(function).lower(theta).compile()
+            memory = compiled.memory_analysis()
+            rows.append(
+                {
+                    "T": num_steps,
+                    "checkpoint": checkpoint,
+                    "ms": 1e3 * timing.median,
+                    "us_per_step": 1e6 * timing.median / num_steps,
+                    "temp_MiB": memory.temp_size_in_bytes / 2**20,
+                    "runs": timing.runs,
+                    "compile_s": timing.compile,
+                }
+            )
+            print(f"long series T={num_steps:5d} checkpoint={checkpoint}: {rows[-1]}", flush=True)
+    return rows
+
+
 def baseline_rows(args) -> list[dict]:
     """The default row of revision `args.baseline`, timed in a subprocess on its own copy."""
     with tempfile.TemporaryDirectory() as directory:
@@ -265,6 +340,33 @@ def render(report) -> str:
             ],
         )
     )
+    if report.get("long_series"):
+        lines += [
+            "",
+            "## Long series",
+            "",
+            f"The default row's `value_and_grad` at N = {LONG_SERIES_PARTICLES} against T, with "
+            "`checkpoint=False` (store every step's intermediates; what `checkpoint=None` "
+            "chooses below 2^20 particle coordinates over time) and `checkpoint=True` (recompute "
+            "each step in the reverse pass). Time per step should stay flat if the cost is "
+            "linear in T; the compiled plan's temporary memory grows with T either way (the "
+            "reverse pass needs each step's cloud), the question is how fast.",
+            "",
+            markdown_table(
+                ["T", "checkpoint", "ms per call", "us per step", "temporary MiB", "compile s"],
+                [
+                    [
+                        str(row["T"]),
+                        "yes" if row["checkpoint"] else "no",
+                        row["ms"],
+                        row["us_per_step"],
+                        row["temp_MiB"],
+                        row["compile_s"],
+                    ]
+                    for row in report["long_series"]
+                ],
+            ),
+        ]
     lines.append("")
     return "\n".join(lines)
 
@@ -287,7 +389,8 @@ def main(argv=None):
     rows = measure(args)
     if args.baseline:
         rows += baseline_rows(args)
-    text = write_report(args.out, {"meta": meta, "rows": rows}, render)
+    report = {"meta": meta, "rows": rows, "long_series": long_series(args)}
+    text = write_report(args.out, report, render)
     print(text)
     return rows
 
