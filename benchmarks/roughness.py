@@ -192,13 +192,8 @@ def growth_configs(num_particles, quick):
         ("guided proposal, gradient_decay(diffusion(), 0)", decay(base, 0.0), True, 1.0, 1),
         ("mean of M=4 filters, diffusion()", base, False, 1.0, 4),
         ("gradient_decay(diffusion(), 0.9) (L~10)", decay(base, 0.9), False, 1.0, 1),
-        (
-            "optimal_transport(epsilon=1.0)",
-            resampling.optimal_transport(epsilon=1.0),
-            False,
-            1.0,
-            1,
-        ),
+        # optimal_transport(epsilon=1.0) is left out: its row had not finished after 19 min
+        # (61 points at N = 256), longer than the rest of the table together.
         ("soft(alpha=0.5)", resampling.soft(0.5), False, 1.0, 1),
         ("gumbel_softmax(tau=0.3)", resampling.gumbel_softmax(0.3), False, 1.0, 1),
         ("stop_gradient(systematic())", resampling.stop_gradient(), False, 1.0, 1),
@@ -711,7 +706,8 @@ def write_markdown(report, path):
         lines += [
             "",
             f"Rows {', '.join(added['names'])} added on {added['date']} (`--add-rows`, same data "
-            f"and reference; load average {added['load_average_start']} at start).",
+            f"and reference; load average {[round(x, 2) for x in added['load_average_start']]} "
+            "at start).",
         ]
     lines += [
         "",
@@ -765,8 +761,10 @@ def write_markdown(report, path):
         )
         + (
             " The NUTS section was rerun on its own (`--nuts-only`) on {date} (load average "
-            "{load_average_start} at start, {seconds:.0f} s), on the data and reference "
-            "above.".format(**report["nuts_rerun"])
+            "{load} at start, {seconds:.0f} s), on the data and reference above.".format(
+                load=[round(x, 2) for x in report["nuts_rerun"]["load_average_start"]],
+                **report["nuts_rerun"],
+            )
             if report.get("nuts_rerun")
             else ""
         ),
