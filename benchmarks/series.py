@@ -282,7 +282,15 @@ def render(report: dict) -> str:
             ),
             "",
             f"Largest |shift|: {nuts['max_abs_shift']:.3f} SD; SD ratios in "
-            f"[{nuts['min_sd_ratio']:.3f}, {nuts['max_sd_ratio']:.3f}].",
+            f"[{nuts['min_sd_ratio']:.3f}, {nuts['max_sd_ratio']:.3f}]. Target "
+            + (
+                "met."
+                if nuts["max_abs_shift"] <= 0.3
+                and 0.7 <= nuts["min_sd_ratio"]
+                and nuts["max_sd_ratio"] <= 1.3
+                else "not met: the fixed-noise surrogate at this N is not close enough to the "
+                "exact posterior for every parameter."
+            ),
             "",
         ]
     return "\n".join(lines)
