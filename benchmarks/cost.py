@@ -46,6 +46,21 @@ VARIANTS = (
 )
 
 
+def ar1(theta):
+    """The AR(1)-plus-noise model at `theta = (phi, q, r)` (imports after the x64 switch)."""
+    import jax.numpy as jnp
+    import numpyro.distributions as dist
+
+    import numpyro_diffres as ndr
+
+    phi, q, r = theta[0], theta[1], theta[2]
+    return ndr.StateSpaceModel(
+        initial=dist.Normal(0.0, q / jnp.sqrt(1.0 - phi**2)),
+        transition=lambda x, t: dist.Normal(phi * x, q),
+        emission=lambda x, t: dist.Normal(x, r),
+    )
+
+
 def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--particles", default="32,64,256,1024")
@@ -80,18 +95,9 @@ def measure(args) -> list[dict]:
 
     jax.config.update("jax_enable_x64", args.x64)
     import jax.numpy as jnp
-    import numpyro.distributions as dist
     from _common import time_call
 
     import numpyro_diffres as ndr
-
-    def ar1(theta):
-        phi, q, r = theta[0], theta[1], theta[2]
-        return ndr.StateSpaceModel(
-            initial=dist.Normal(0.0, q / jnp.sqrt(1.0 - phi**2)),
-            transition=lambda x, t: dist.Normal(phi * x, q),
-            emission=lambda x, t: dist.Normal(x, r),
-        )
 
     theta = jnp.asarray(TRUE)
     _, observations = ndr.simulate(jax.random.PRNGKey(0), ar1(theta), args.num_time_steps)
@@ -202,20 +208,11 @@ def long_series(args) -> list[dict]:
 
     jax.config.update("jax_enable_x64", args.x64)
     import jax.numpy as jnp
-    import numpyro.distributions as dist
     from _common import time_call
 
     import numpyro_diffres as ndr
 
     theta = jnp.asarray(TRUE)
-
-    def ar1(theta):
-        phi, q, r = theta[0], theta[1], theta[2]
-        return ndr.StateSpaceModel(
-            initial=dist.Normal(0.0, q / jnp.sqrt(1.0 - phi**2)),
-            transition=lambda x, t: dist.Normal(phi * x, q),
-            emission=lambda x, t: dist.Normal(x, r),
-        )
 
     resampler = ndr.resampling.diffusion(num_steps=args.diffusion_steps)
     key = jax.random.PRNGKey(1)
