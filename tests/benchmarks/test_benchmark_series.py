@@ -6,7 +6,7 @@ import math
 def test_quick_run_reports_compile_gradient_and_nuts_rows(quick_benchmark):
     report, table = quick_benchmark("series", timeout=600)
     assert table.startswith("# Many series")
-    assert "SHARED" in table and "Load average" in table
+    assert "Load average" in table and "Target " in table
     rows = report["potential"]
     assert [row["num_series"] for row in rows] == report["config"]["series"]
     for row in rows:

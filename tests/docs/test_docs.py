@@ -20,6 +20,8 @@ RESULTS = [
         "stability.md",
         "gradients.md",
         "gradients_speed.md",
+        "series.md",
+        "cost.md",
     )
 ]
 
