@@ -432,8 +432,8 @@ def main(argv=None):
             "marginal_samples": 20,
             "growth_steps": 10,
             "growth_particles": 16,
-            "marginal_warmup_growth": 20,
-            "marginal_samples_growth": 20,
+            "marginal_warmup_growth": 50,
+            "marginal_samples_growth": 50,
         }
         steps = args.steps or [15]
     else:
