@@ -535,9 +535,7 @@ class _Body:
         appended as a fourth and fifth output.
         """
         new_carry, _, body_trace = self._run(key, carry, index)
-        new_carry = jax.tree.map(
-            lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), new_carry, carry
-        )
+        new_carry = _like(new_carry, carry)
         flat, _ = ravel_pytree(new_carry)
         log_likelihood = jnp.zeros((), jnp.result_type(float))
         for site in body_trace.values():
@@ -560,9 +558,7 @@ class _Body:
     def log_density(self, carry, index, values):
         """`(new carry vector, log p(latent sites = values, observed sites | carry))`."""
         new_carry, _, body_trace = self._run(jax.random.PRNGKey(0), carry, index, values)
-        new_carry = jax.tree.map(
-            lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), new_carry, carry
-        )
+        new_carry = _like(new_carry, carry)
         log_density = jnp.zeros((), jnp.result_type(float))
         for site in body_trace.values():
             if _is_latent(site):
@@ -934,6 +930,11 @@ def _observed_log_prob(site: dict) -> Array:
 
 def _is_latent(site: dict) -> bool:
     return site["type"] == "sample" and not site["is_observed"]
+
+
+def _like(new, old):
+    """`new` with the dtypes of `old` (a body may return a carry in another precision)."""
+    return jax.tree.map(lambda a, b: jnp.asarray(a).astype(jnp.result_type(b)), new, old)
 
 
 def _is_deterministic(site: dict) -> bool:
