@@ -35,9 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from numpyro import handlers
 from numpyro.contrib.control_flow import scan
 from numpyro.diagnostics import effective_sample_size
 from numpyro.infer import MCMC, NUTS
+from numpyro.infer.util import log_density
 
 import numpyro_diffres as ndr
 from numpyro_diffres import resampling
@@ -142,6 +144,24 @@ def fit(model, returns, *, num_warmup, num_samples, seed, statics=STATICS):
     }, samples
 
 
+def log_likelihood_sd(model, returns, point, num_particles, num_keys=8):
+    """SD over keys of the marginal log-likelihood estimate at `point` (the statics).
+
+    The package's rule for N (`ndr.diagnostics.choose_num_particles`) aims at an SD of about 1:
+    under NUTS the fixed key freezes one draw of this noise.
+    """
+    values = {name: jnp.asarray(point[name], jnp.float32) for name in STATICS}
+    marginal = marginalize(model, num_particles=num_particles)
+
+    @jax.jit
+    def log_likelihood(key):
+        # The priors' part of the log-density does not depend on the key.
+        return log_density(handlers.seed(marginal, key), (returns,), {}, values)[0]
+
+    estimates = [float(log_likelihood(jax.random.PRNGKey(k))) for k in range(num_keys)]
+    return float(np.std(estimates, ddof=1))
+
+
 def run_case(num_steps, settings, seed):
     returns = simulate_returns(num_steps, seed)
     latent, latent_samples = fit(
@@ -168,6 +188,10 @@ def run_case(num_steps, settings, seed):
     }
     case = {
         "num_steps": num_steps,
+        "num_particles": settings["num_particles"],
+        "log_likelihood_sd": log_likelihood_sd(
+            stochastic_volatility, returns, latent["mean"], settings["num_particles"]
+        ),
         "latent_nuts": latent,
         "marginalize_nuts": marginal,
         "agreement": agreement,
@@ -369,6 +393,13 @@ def render(report):
         lines.append(
             f"T = {case['num_steps']}: time to 400 ESS, marginalize / all-latents = "
             f"{case['time_to_400_ess_ratio']:.2f}."
+            + (
+                f" Log-likelihood SD over 8 keys at (a)'s posterior mean with N = "
+                f"{case['num_particles']}: {case['log_likelihood_sd']:.2f} (the N rule of "
+                "`choose_num_particles` aims at 1)."
+                if "log_likelihood_sd" in case
+                else ""
+            )
         )
     lines += ["", load_line(meta)]
     if report.get("growth"):

@@ -8,6 +8,9 @@ def test_quick_benchmark_reports_both_fits(quick_benchmark):
     assert table.startswith("# One NumPyro model, two fits")
     (case,) = report["cases"]
     assert case["num_steps"] == 15
+    # The log-likelihood noise at the latent posterior mean, over keys: some, and finite.
+    assert 0 < case["log_likelihood_sd"] < math.inf
+    assert "Log-likelihood SD over 8 keys" in table
     for key in ("latent_nuts", "marginalize_nuts"):
         result = case[key]
         assert result["min_ess"] > 0 and math.isfinite(result["seconds_to_400_ess"])
