@@ -133,6 +133,17 @@ def run_metadata(**settings: Any) -> dict:
     }
 
 
+def finish_metadata(meta: dict) -> dict:
+    """Add the end load and the duration to `meta` from `run_metadata`.
+
+    Once only: a stored report's metadata, already finished, is left as it is.
+    """
+    if "started" in meta:
+        meta["load_end"] = load_average()
+        meta["total_seconds"] = time.perf_counter() - meta.pop("started")
+    return meta
+
+
 def load_line(meta: dict) -> str:
     """One markdown line: when, where, how long, and the machine's load at start and end."""
     return (
@@ -202,9 +213,7 @@ def write_report(path: Path, report: dict, render: Callable[[dict], str]) -> str
     Returns:
         The markdown text.
     """
-    meta = report["meta"]
-    meta["load_end"] = load_average()
-    meta["total_seconds"] = time.perf_counter() - meta.pop("started")
+    finish_metadata(report["meta"])
     text = render(report)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")

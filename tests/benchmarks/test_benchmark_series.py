@@ -19,3 +19,11 @@ def test_quick_run_reports_compile_gradient_and_nuts_rows(quick_benchmark):
     # that short may not move at all, so its SD can be 0): both fits report finite means.
     for row in nuts["parameters"]:
         assert math.isfinite(row["particle_mean"]) and math.isfinite(row["exact_mean"]), row
+    # The gradient-error table: one row per N, errors against the exact (Kalman) gradient,
+    # with a spread over keys (each key is another draw of the fixed noise).
+    bias = report["bias"]
+    assert [row["num_particles"] for row in bias["rows"]] == [8, 16]
+    for row in bias["rows"]:
+        assert row["value_error_sd"] > 0 and math.isfinite(row["value_error_mean"]), row
+        assert all(math.isfinite(row[f"{name}_grad_error_mean"]) for name in ("phi", "mu"))
+    assert "## Why N matters" in table
