@@ -391,7 +391,9 @@ def bias_section(config: dict, bias: dict, nuts: dict | None) -> list[str]:
     names = ("phi", "log_r", "mu")
     exact = bias["exact_gradient"]
     implied = []
-    if nuts:
+    if nuts and all(
+        row["mean_shift_in_sd"] != 0 for row in nuts["parameters"] if row["parameter"] in names
+    ):
         # The exact posterior SDs, from the comparison's means and standardised shifts.
         rows = {row["parameter"]: row for row in nuts["parameters"]}
         sds = {
