@@ -221,10 +221,10 @@ def nuts_comparison(options: argparse.Namespace, num_particles: int) -> dict:
     }
 
 
-def gradient_bias(options: argparse.Namespace) -> list[dict]:
+def gradient_bias(options: argparse.Namespace) -> dict:
     """Error of the fixed-noise log-likelihood and its gradient against the exact ones.
 
-    At the exact posterior mean of the NUTS run's data (from `nuts["parameters"]`), for each N
+    At `options.bias_point` (the exact posterior mean of the NUTS run's data), for each N
     in `options.bias_particles`, over `options.bias_keys` keys: the mean (the bias, which NUTS
     with any key inherits) and the SD over keys (what one fixed key adds) of the error of the
     summed log-likelihood and of its gradient in the shared parameters. A shift of the
