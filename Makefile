@@ -27,11 +27,17 @@ demo: $(VENV)/.installed-examples
 # single-threaded XLA compilation, so two processes use both cores of a CI machine. A worker
 # that dies ends the run at once (--max-worker-restart=0): after one crash pytest-xdist went on
 # waiting until CI's time limit instead of reporting it.
+# Most tests spend their time compiling, which LLVM's optimisation level 0 makes about a
+# quarter faster (benchmarks/results/suite_timing.md); the `long_run` tests (samplers run for
+# hundreds of steps) ran 1.8x slower at level 0, so they run apart at the default level.
 PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --max-worker-restart=0
+COMPILE_FAST := XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS"
 X64_TESTS = $(filter-out %/test_bad_input.py %/test_transforms.py,$(wildcard tests/resampling/test_*.py))
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --max-worker-restart=0
-	JAX_ENABLE_X64=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" $(X64_TESTS)
+	$(COMPILE_FAST) $(PYTEST) -m "not long_run"
+	$(PYTEST) -m long_run
+	$(COMPILE_FAST) JAX_ENABLE_X64=1 $(PYTEST) -m "not slow and not long_run" $(X64_TESTS)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

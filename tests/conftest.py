@@ -64,7 +64,9 @@ def quick_benchmark(tmp_path):
 
     def run(name, timeout=300):
         out = tmp_path / f"{name}.json"
-        flags = f"{os.environ.get('XLA_FLAGS', '')} {SMOKE_XLA_FLAGS}".strip()
+        flags = os.environ.get("XLA_FLAGS", "")
+        if SMOKE_XLA_FLAGS not in flags:  # `make test` may have set it for the whole run
+            flags = f"{flags} {SMOKE_XLA_FLAGS}".strip()
         completed = subprocess.run(
             [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--out", str(out)],
             capture_output=True,

@@ -130,6 +130,7 @@ def both_routes():
 
 
 @pytest.mark.slow
+@pytest.mark.long_run
 def test_blackjax_route_agrees_with_numpyro_nuts(both_routes):
     blackjax_result, numpyro_samples = both_routes
     assert int(blackjax_result.info.diverging.sum()) == 0
@@ -143,6 +144,7 @@ def test_blackjax_route_agrees_with_numpyro_nuts(both_routes):
 
 
 @pytest.mark.slow
+@pytest.mark.long_run
 def test_to_inference_data_of_a_run(both_routes):
     blackjax_result, _ = both_routes
     idata = ndr.to_inference_data(blackjax_result)
