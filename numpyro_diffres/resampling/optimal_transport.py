@@ -18,9 +18,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import lineax
-from ott.geometry import pointcloud
-from ott.problems.linear import linear_problem
-from ott.solvers.linear import implicit_differentiation, sinkhorn
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.checks import check_positive
@@ -130,6 +127,12 @@ class OptimalTransport:
     ) -> tuple[Array, Array, TransportInfo]:
         """Resample and report convergence: `(particles, log_weights, TransportInfo)`."""
         del key  # deterministic given the input
+        # Imported here: ott-jax takes about a second to import (it pulls in scipy.stats),
+        # which every user of the package paid whether or not they used this resampler.
+        from ott.geometry import pointcloud
+        from ott.problems.linear import linear_problem
+        from ott.solvers.linear import implicit_differentiation, sinkhorn
+
         if self.implicit_gradient:
             log_weights, particles = _finite_gradient_or_none(log_weights, particles)
         flat, normalized, event_shape = prepare(log_weights, particles)
