@@ -37,7 +37,7 @@ X64_TESTS = $(filter-out %/test_bad_input.py %/test_transforms.py,$(wildcard tes
 test: $(VENV)/.installed-test
 	$(COMPILE_FAST) $(PYTEST) -m "not long_run"
 	$(PYTEST) -m long_run
-	$(COMPILE_FAST) JAX_ENABLE_X64=1 $(PYTEST) -m "not slow and not long_run" $(X64_TESTS)
+	$(COMPILE_FAST) JAX_ENABLE_X64=1 $(PYTEST) -m "not slow" $(X64_TESTS)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

@@ -71,12 +71,17 @@ def _expensive(name, n):
     return n == LARGE and quadratic
 
 
+def _marks(name, n):
+    marks = [pytest.mark.slow] if _expensive(name, n) else []
+    if n == LARGE and name in BIASED:
+        # Run-time-bound (the Sinkhorn and relaxed-weight runs at N = 4096): twice as slow
+        # compiled at level 0, so `make test` runs them with the long runs (suite_timing.md).
+        marks.append(pytest.mark.long_run)
+    return marks
+
+
 def _cases(names, sizes):
-    return [
-        pytest.param(name, n, marks=pytest.mark.slow if _expensive(name, n) else ())
-        for name in names
-        for n in sizes
-    ]
+    return [pytest.param(name, n, marks=_marks(name, n)) for name in names for n in sizes]
 
 
 def _problem(n, d):
@@ -173,10 +178,7 @@ def test_moments_within_monte_carlo_error(name, n, d):
 
 def _names(names):
     # Everything that needs the N = 4096 run of an O(N^2) resampler is slow.
-    return [
-        pytest.param(name, marks=pytest.mark.slow if _expensive(name, LARGE) else ())
-        for name in names
-    ]
+    return [pytest.param(name, marks=_marks(name, LARGE)) for name in names]
 
 
 @pytest.mark.parametrize("name", _names(RESAMPLERS))
