@@ -31,6 +31,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
+from numpyro.diagnostics import effective_sample_size
 from numpyro.infer import MCMC, NUTS, init_to_value
 from numpyro.infer.util import log_density, potential_energy
 
@@ -206,6 +207,7 @@ def nuts_comparison(options: argparse.Namespace, num_particles: int) -> dict:
                 "exact_mean": float(exact_draws.mean()),
                 "mean_shift_in_sd": float((draws.mean() - exact_draws.mean()) / exact_sd),
                 "sd_ratio": float(draws.std() / exact_sd),
+                "particle_ess": float(effective_sample_size(np.asarray(draws)[None])),
             }
         )
     shifts = [abs(row["mean_shift_in_sd"]) for row in rows]
@@ -218,6 +220,8 @@ def nuts_comparison(options: argparse.Namespace, num_particles: int) -> dict:
         "max_abs_shift": max(shifts),
         "min_sd_ratio": min(ratios),
         "max_sd_ratio": max(ratios),
+        "warm_start": options.warm_start,
+        "particle_warmup": options.particle_warmup,
     }
 
 
@@ -330,16 +334,20 @@ def render(report: dict) -> str:
 def nuts_section(config: dict, nuts: dict) -> list[str]:
     """One NUTS comparison: wall times and the posterior against the exact one."""
     num_particles = nuts.get("num_particles", config["num_particles"])
+    # Runs stored before the effective sample size was recorded have none.
+    with_ess = all("particle_ess" in row for row in nuts["parameters"])
     lines = [
         f"## NUTS, S = {config['nuts_series']}, N = {num_particles}, "
-        f"{config['num_warmup']} warm-up + {config['num_samples']} draws, one chain",
+        f"{nuts.get('particle_warmup', config['num_warmup'])} warm-up + "
+        f"{config['num_samples']} draws, one chain",
         "",
         *([f"Added later (`--add-nuts`): {load_line(nuts['meta'])}", ""] if "meta" in nuts else []),
         (
-            f"Particle chain warm-started ({config['particle_warmup']} warm-up steps "
+            f"Particle chain warm-started "
+            f"({nuts.get('particle_warmup', config['particle_warmup'])} warm-up steps "
             "adapting the step size only, from the exact posterior mean with the exact "
             "run's mass matrix): its time excludes the mass-matrix adaptation."
-            if config["warm_start"]
+            if nuts.get("warm_start", config["warm_start"])
             else f"Both chains with {config['num_warmup']} warm-up steps."
         ),
         "",
@@ -358,7 +366,8 @@ def nuts_section(config: dict, nuts: dict) -> list[str]:
         "SD ratio within 0.7-1.3):",
         "",
         markdown_table(
-            ["parameter", "particle mean", "exact mean", "shift (SD)", "SD ratio"],
+            ["parameter", "particle mean", "exact mean", "shift (SD)", "SD ratio"]
+            + (["particle ESS"] if with_ess else []),
             [
                 [
                     row["parameter"],
@@ -366,6 +375,7 @@ def nuts_section(config: dict, nuts: dict) -> list[str]:
                     row["exact_mean"],
                     row["mean_shift_in_sd"],
                     row["sd_ratio"],
+                    *([row["particle_ess"]] if with_ess else []),
                 ]
                 for row in nuts["parameters"]
             ],
