@@ -1,6 +1,7 @@
 """Shared test helpers, and the compiler settings of the test run."""
 
 import gc
+import importlib.util
 import json
 import os
 import subprocess
@@ -78,3 +79,25 @@ def quick_benchmark(tmp_path):
         return json.loads(out.read_text()), out.with_suffix(".md").read_text()
 
     return run
+
+
+@pytest.fixture
+def benchmark_module():
+    """Import `benchmarks/<name>.py` as a module (its functions, without running `main`).
+
+    Some scripts switch float64 on at import, as a script would: the suite's dtype is restored.
+    """
+
+    def load(name):
+        previous = jax.config.jax_enable_x64
+        try:
+            spec = importlib.util.spec_from_file_location(
+                f"benchmark_{name}", BENCHMARKS / f"{name}.py"
+            )
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        finally:
+            jax.config.update("jax_enable_x64", previous)
+        return module
+
+    return load

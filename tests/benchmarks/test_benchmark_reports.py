@@ -7,34 +7,17 @@ their computations are the in-process tests of `tests/numpyro/test_plate.py`,
 `test_latent_paths.py` and `tests/filtering/test_smoothing.py`) under test, at no compile cost.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
-import jax
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-RESULTS = BENCHMARKS / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 SCRIPTS = ["series", "latent_paths", "versus_latent_nuts", "cost", "code_maps"]
 
 
-def load(name):
-    # Some scripts switch float64 on at import, as a script would: keep the suite's dtype.
-    previous = jax.config.jax_enable_x64
-    try:
-        spec = importlib.util.spec_from_file_location(
-            f"benchmark_{name}", BENCHMARKS / f"{name}.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        jax.config.update("jax_enable_x64", previous)
-    return module
-
-
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_committed_table_is_the_rendering_of_the_committed_json(name):
+def test_committed_table_is_the_rendering_of_the_committed_json(name, benchmark_module):
     report = json.loads((RESULTS / f"{name}.json").read_text())
     table = (RESULTS / f"{name}.md").read_text()
-    assert load(name).render(report) == table
+    assert benchmark_module(name).render(report) == table

@@ -1,21 +1,10 @@
 """Smoke test of the stress benchmark (`--quick`): it runs, classifies and reports."""
 
-import importlib.util
 import math
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "stress.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("stress", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_outcomes_are_classified():
-    stress = _load()
+def test_outcomes_are_classified(benchmark_module):
+    stress = benchmark_module("stress")
     ok = {"log_likelihood": -3.0, "gradient_finite": True, "data_finite": True}
     assert stress.classify(ok) == "ok"
     assert stress.classify({**ok, "log_likelihood": math.nan}) == "nan"
@@ -42,7 +31,7 @@ def test_quick_run_reports_every_case(quick_benchmark):
         assert math.isfinite(case["log_likelihood"]) and math.isfinite(case["gradient_norm"])
 
 
-def test_the_case_that_gave_a_non_finite_ot_gradient_now_gives_a_finite_one():
+def test_the_case_that_gave_a_non_finite_ot_gradient_now_gives_a_finite_one(benchmark_module):
     # Case 525 of the committed 1000-case run (optimal transport, implicit gradient, float32,
     # Student-t emission, 3-d state): its gradient was NaN before the OT resampler dropped
     # non-finite implicit cotangents; the unrolled gradient was finite.
@@ -52,7 +41,7 @@ def test_the_case_that_gave_a_non_finite_ot_gradient_now_gives_a_finite_one():
 
     import numpyro_diffres as ndr
 
-    stress = _load()
+    stress = benchmark_module("stress")
     rng = np.random.default_rng(0)
     cases = [stress.draw_case(rng, i, stress.STRUCTURES, stress.RESAMPLERS) for i in range(526)]
     case = cases[525]
