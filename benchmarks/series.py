@@ -334,20 +334,22 @@ def render(report: dict) -> str:
 def nuts_section(config: dict, nuts: dict) -> list[str]:
     """One NUTS comparison: wall times and the posterior against the exact one."""
     num_particles = nuts.get("num_particles", config["num_particles"])
+    # Runs added with --add-nuts record their own protocol; older ones share the report's.
+    warm_start = nuts.get("warm_start", config["warm_start"])
+    particle_warmup = nuts.get("particle_warmup", config["particle_warmup"])
     # Runs stored before the effective sample size was recorded have none.
     with_ess = all("particle_ess" in row for row in nuts["parameters"])
     lines = [
         f"## NUTS, S = {config['nuts_series']}, N = {num_particles}, "
-        f"{nuts.get('particle_warmup', config['num_warmup'])} warm-up + "
+        f"{particle_warmup} warm-up + "
         f"{config['num_samples']} draws, one chain",
         "",
         *([f"Added later (`--add-nuts`): {load_line(nuts['meta'])}", ""] if "meta" in nuts else []),
         (
-            f"Particle chain warm-started "
-            f"({nuts.get('particle_warmup', config['particle_warmup'])} warm-up steps "
+            f"Particle chain warm-started ({particle_warmup} warm-up steps "
             "adapting the step size only, from the exact posterior mean with the exact "
             "run's mass matrix): its time excludes the mass-matrix adaptation."
-            if nuts.get("warm_start", config["warm_start"])
+            if warm_start
             else f"Both chains with {config['num_warmup']} warm-up steps."
         ),
         "",
