@@ -3,6 +3,7 @@
 import gc
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,12 +22,15 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / 
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # The benchmark smoke runs are compile-bound (profiled: about 85% of a `--quick` run is XLA
-# compiling): their subprocesses compile the CPU code at LLVM's optimisation level 0, about a
-# third faster. Not for the tests themselves: NUTS tests run thousands of gradients, which
-# level 0 made about 1.8x slower.
-SMOKE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# compiling) and run their compiled code for a moment only: their subprocesses compile with
+# XLA's older CPU code emitters at LLVM's optimisation level 0, the fastest compile measured
+# (benchmarks/results/suite_timing.md). Not for the tests themselves: NUTS tests run thousands
+# of gradients, which level 0 made about 1.8x slower (`make test` sets level 1).
+SMOKE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
 
+import arviz as az  # noqa: E402
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 # Every executable XLA compiles on the CPU maps its code into the process (about three memory
@@ -65,9 +69,8 @@ def quick_benchmark(tmp_path):
 
     def run(name, timeout=300):
         out = tmp_path / f"{name}.json"
-        flags = os.environ.get("XLA_FLAGS", "")
-        if SMOKE_XLA_FLAGS not in flags:  # `make test` may have set it for the whole run
-            flags = f"{flags} {SMOKE_XLA_FLAGS}".strip()
+        # Where a flag is given twice XLA takes the last: these override the run's own.
+        flags = f"{os.environ.get('XLA_FLAGS', '')} {SMOKE_XLA_FLAGS}".strip()
         completed = subprocess.run(
             [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--out", str(out)],
             capture_output=True,
@@ -101,3 +104,16 @@ def benchmark_module():
         return module
 
     return load
+
+
+def _mcse_mean(draws):
+    """Monte Carlo standard error of the mean from ArviZ's ESS, draws `(chains, draws)` or
+    `(draws,)`."""
+    draws = np.asarray(draws)
+    return float(draws.std() / math.sqrt(float(az.ess(draws.reshape(-1, draws.shape[-1])))))
+
+
+@pytest.fixture(scope="session")
+def mcse_mean():
+    """`mcse_mean(draws)`: the Monte Carlo standard error of a chain's mean (ArviZ's ESS)."""
+    return _mcse_mean

@@ -1,5 +1,7 @@
 """`marginalize`: a NumPyro scan program's latent states integrated out by the particle filter."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -337,8 +339,7 @@ def stochastic_volatility(returns):
     scan(body, x0, returns[1:])
 
 
-@pytest.mark.long_run
-def test_nuts_over_statics_agrees_with_nuts_over_all_latents():
+def test_nuts_over_statics_agrees_with_nuts_over_all_latents(mcse_mean):
     _, returns = ndr.simulate(jax.random.PRNGKey(0), state_space_model(*TRUE), 50)
     latent = MCMC(NUTS(stochastic_volatility), num_warmup=400, num_samples=800, progress_bar=False)
     latent.run(jax.random.PRNGKey(1), returns)
@@ -362,7 +363,13 @@ def test_nuts_over_statics_agrees_with_nuts_over_all_latents():
     assert set(filtered) == {"mu", "phi", "sigma"}
     for name in ("mu", "phi", "sigma"):
         sd = float(exact[name].std())
-        assert abs(float(filtered[name].mean() - exact[name].mean())) < 0.3 * sd, name
+        # The means differ by both chains' Monte Carlo error (the particle chain's 250 draws
+        # are worth about 100 for mu: 0.1 posterior SD) plus the surrogate's bias at this N,
+        # allowed 0.3 SD. Measured shifts of mu: -0.27 and -0.36 SD under two compiler
+        # settings, each with a standard error of 0.11 SD (suite_timing.md).
+        error = math.hypot(mcse_mean(exact[name]), mcse_mean(filtered[name]))
+        shift = abs(float(filtered[name].mean() - exact[name].mean()))
+        assert shift < 0.3 * sd + 3 * error, (name, shift / sd, error / sd)
         assert abs(float(filtered[name].std()) / sd - 1.0) < 0.3, name
     # The latent sites, site by site: one smoothed path per posterior draw of the statics.
     paths = Predictive(

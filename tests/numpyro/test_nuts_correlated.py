@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-import pytest
 from numpyro.infer import MCMC, NUTS
 
 import numpyro_diffres as ndr
@@ -83,7 +82,6 @@ def exact_posterior_moments(observations):
     return mean, float(np.sqrt(np.sum(weights * (grid - mean) ** 2)))
 
 
-@pytest.mark.long_run
 def test_nuts_on_the_particle_factor_matches_the_exact_posterior():
     with jax.enable_x64(True):
         model = ndr.linear_gaussian(params(jnp.asarray(ANGLE)))

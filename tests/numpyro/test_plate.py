@@ -380,7 +380,6 @@ def nuts(model, observations, num_warmup, num_samples, seed, num_chains, **kwarg
     return mcmc
 
 
-@pytest.mark.long_run
 @pytest.mark.slow
 def test_nuts_through_the_plate_recovers_the_exact_hierarchical_posterior():
     # S = 4 series of T = 15, N = 32 float32 particles, guided proposal, diffusion with K = 4:

@@ -132,7 +132,6 @@ def fit_svi(model, guide_class, observations, num_steps, **model_kwargs):
     return {name: float(value) for name, value in guide.median(params).items()}
 
 
-@pytest.mark.long_run
 @pytest.mark.parametrize(
     ("guide_class", "num_steps"), [(autoguide.AutoDelta, 500), (autoguide.AutoNormal, 1000)]
 )
@@ -503,7 +502,6 @@ def exact_posterior_moments(observations, num_points=31):
     return moments
 
 
-@pytest.mark.long_run
 @pytest.mark.slow
 def test_nuts_on_the_diffusion_factor_recovers_the_exact_posterior(observations):
     # Sizing, measured on the loaded 2-core CPU (float32): the shared T = 30 data, N = 64,

@@ -30,12 +30,7 @@ def conjugate_model(y):
     numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
 
-def mcse_mean(draws):
-    """Monte Carlo standard error of the mean from ArviZ's ESS, draws `(chains, draws)`."""
-    return float(np.asarray(draws).std() / math.sqrt(float(az.ess(np.asarray(draws)))))
-
-
-def test_blackjax_nuts_matches_a_conjugate_posterior():
+def test_blackjax_nuts_matches_a_conjugate_posterior(mcse_mean):
     y = jax.random.normal(jax.random.PRNGKey(0), (20,)) + 1.5
     precision = y.size + 1.0 / PRIOR_SCALE**2
     exact_mean, exact_sd = float(y.sum() / precision), 1.0 / math.sqrt(precision)
@@ -130,8 +125,7 @@ def both_routes():
 
 
 @pytest.mark.slow
-@pytest.mark.long_run
-def test_blackjax_route_agrees_with_numpyro_nuts(both_routes):
+def test_blackjax_route_agrees_with_numpyro_nuts(both_routes, mcse_mean):
     blackjax_result, numpyro_samples = both_routes
     assert int(blackjax_result.info.diverging.sum()) == 0
     for name in ("phi", "log_q", "log_r"):
@@ -144,7 +138,6 @@ def test_blackjax_route_agrees_with_numpyro_nuts(both_routes):
 
 
 @pytest.mark.slow
-@pytest.mark.long_run
 def test_to_inference_data_of_a_run(both_routes):
     blackjax_result, _ = both_routes
     idata = ndr.to_inference_data(blackjax_result)

@@ -41,6 +41,7 @@ def test_block_size_divides_and_fits():
 
 @pytest.mark.parametrize("block", [12, 5, 4, 1])
 @pytest.mark.parametrize("dropped", [0, 3])
+@pytest.mark.fixed_precision
 def test_values_and_gradients_match_plain_form(block, dropped):
     # Block 5 does not divide the 12 queries: the last block is padded.
     with jax.enable_x64(True):
@@ -70,6 +71,7 @@ def test_values_and_gradients_match_plain_form(block, dropped):
             assert jnp.all(jnp.isfinite(got))
 
 
+@pytest.mark.fixed_precision
 def test_diffusion_matches_the_plain_softmax_form_whole_and_blockwise(monkeypatch):
     """The resampler (custom-VJP attention, in one block or blocks of 8 queries) gives the
     values and gradients of the same integrator written with a plain softmax."""

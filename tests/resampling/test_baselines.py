@@ -27,16 +27,6 @@ DIFFERENTIABLE = {
 }
 
 
-def _x64():
-    """Float64 inside a `with` block, whatever the session's default precision."""
-    enable = getattr(jax, "enable_x64", None)
-    if enable is not None:
-        return enable(True)
-    from jax.experimental import enable_x64  # older JAX
-
-    return enable_x64()
-
-
 def _cloud(n, d, seed):
     rng = np.random.default_rng(seed)
     return jnp.asarray(rng.standard_normal(n)), jnp.asarray(rng.standard_normal((n, d)))
@@ -54,9 +44,10 @@ def test_differentiable_baselines_have_finite_nonzero_gradients(name, value_and_
 
 
 @pytest.mark.parametrize("implicit_gradient", [True, False])
+@pytest.mark.fixed_precision
 def test_optimal_transport_gradient_matches_finite_differences(implicit_gradient):
     n, d = 16, 2
-    with _x64():
+    with jax.enable_x64(True):
         log_weights, particles = _cloud(n, d, seed=2)
         # A tight threshold so the forward map is smooth at the scale of the step h.
         resampler = resampling.optimal_transport(

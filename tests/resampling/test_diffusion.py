@@ -20,16 +20,6 @@ CONFIGURATIONS = {
 MAX_RMS_Z = 2.5
 
 
-def _x64():
-    """Float64 inside a `with` block, whatever the session's default precision."""
-    enable = getattr(jax, "enable_x64", None)
-    if enable is not None:
-        return enable(True)
-    from jax.experimental import enable_x64  # older JAX
-
-    return enable_x64()
-
-
 @functools.cache
 def _vmapped(resampler):
     return jax.jit(jax.vmap(resampler))
@@ -124,10 +114,11 @@ GRADIENT_CONFIGURATIONS = {
 
 
 @pytest.mark.parametrize("name", GRADIENT_CONFIGURATIONS)
+@pytest.mark.fixed_precision
 def test_gradients_match_central_finite_differences(name):
     n, d = 12, 2
     rng = np.random.default_rng(5)
-    with _x64():
+    with jax.enable_x64(True):
         resampler = resampling.diffusion(**GRADIENT_CONFIGURATIONS[name])
         key = jax.random.key(5)
         particles = jnp.asarray(rng.standard_normal((n, d)) * [1.0, 2.0])

@@ -65,19 +65,10 @@ BIASED = ("gumbel_softmax", "optimal_transport")
 # by a discretisation bias that test_diffusion.py checks against its exact Gaussian-limit value.
 
 
-def _expensive(name, n):
+def _marks(name, n):
     # O(N^2) per call: the N = 4096 runs dominate the file's run time.
     quadratic = name.startswith("diffusion") or name in BIASED
-    return n == LARGE and quadratic
-
-
-def _marks(name, n):
-    marks = [pytest.mark.slow] if _expensive(name, n) else []
-    if n == LARGE and name in BIASED:
-        # Run-time-bound (the Sinkhorn and relaxed-weight runs at N = 4096): twice as slow
-        # compiled at level 0, so `make test` runs them with the long runs (suite_timing.md).
-        marks.append(pytest.mark.long_run)
-    return marks
+    return [pytest.mark.slow] if n == LARGE and quadratic else []
 
 
 def _cases(names, sizes):
