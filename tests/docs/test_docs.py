@@ -22,6 +22,7 @@ RESULTS = [
         "gradients_speed.md",
         "series.md",
         "cost.md",
+        "suite_timing.md",
     )
 ]
 
