@@ -31,7 +31,7 @@ demo: $(VENV)/.installed-examples
 # Compiler settings (benchmarks/results/suite_timing.md): XLA's older CPU code emitters
 # (`xla_cpu_use_fusion_emitters=false`) and LLVM optimisation level 1 compile the filter's
 # gradient in half the time of the defaults, and the compiled code ran about as fast (level 0
-# compiles faster still but ran the samplers' and the large-N tests' code 2-3 times slower).
+# compiles faster still but ran the filter's gradient and the samplers about twice as slowly).
 PYTEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --max-worker-restart=0
 TEST_XLA_FLAGS := --xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1

@@ -28,7 +28,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # of gradients, which level 0 made about 1.8x slower (`make test` sets level 1).
 SMOKE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
 
-import arviz as az  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -109,6 +108,8 @@ def benchmark_module():
 def _mcse_mean(draws):
     """Monte Carlo standard error of the mean from ArviZ's ESS, draws `(chains, draws)` or
     `(draws,)`."""
+    import arviz as az  # only the sampler tests need it: no import cost for the others
+
     draws = np.asarray(draws)
     return float(draws.std() / math.sqrt(float(az.ess(draws.reshape(-1, draws.shape[-1])))))
 
