@@ -21,11 +21,12 @@ BENCHMARKS = ROOT / "benchmarks"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-# The benchmark smoke runs are compile-bound (profiled: about 85% of a `--quick` run is XLA
-# compiling) and run their compiled code for a moment only: their subprocesses compile with
-# XLA's older CPU code emitters at LLVM's optimisation level 0, the fastest compile measured
-# (benchmarks/results/suite_timing.md). Not for the tests themselves: NUTS tests run thousands
-# of gradients, which level 0 made about 1.8x slower (`make test` sets level 1).
+# The benchmark smoke runs and the sharding check are compile-bound (profiled: about 85% of a
+# `--quick` run is XLA compiling) and run their compiled code for a moment only: their
+# subprocesses compile with XLA's older CPU code emitters at LLVM's optimisation level 0, the
+# fastest compile measured (benchmarks/results/suite_timing.md). Not for the tests themselves:
+# NUTS tests run thousands of gradients, which level 0 made about 1.8x slower (`make test`
+# sets level 1).
 SMOKE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
 
 import jax  # noqa: E402
@@ -58,8 +59,23 @@ def _bounded_code_maps():
         gc.collect()
 
 
+@pytest.fixture(scope="session")
+def compile_fast_env():
+    """`compile_fast_env(flags="")`: the environment of a compile-bound subprocess.
+
+    The run's own XLA flags, then `SMOKE_XLA_FLAGS`, then `flags`: where a flag is given twice
+    XLA takes the last.
+    """
+
+    def env(flags=""):
+        parts = (os.environ.get("XLA_FLAGS", ""), SMOKE_XLA_FLAGS, flags)
+        return dict(os.environ, XLA_FLAGS=" ".join(part for part in parts if part))
+
+    return env
+
+
 @pytest.fixture
-def quick_benchmark(tmp_path):
+def quick_benchmark(tmp_path, compile_fast_env):
     """Run `benchmarks/<name>.py --quick` and return its JSON report and markdown table.
 
     A subprocess, since the scripts may turn on float64 globally, which must not leak into
@@ -68,14 +84,12 @@ def quick_benchmark(tmp_path):
 
     def run(name, timeout=300):
         out = tmp_path / f"{name}.json"
-        # Where a flag is given twice XLA takes the last: these override the run's own.
-        flags = f"{os.environ.get('XLA_FLAGS', '')} {SMOKE_XLA_FLAGS}".strip()
         completed = subprocess.run(
             [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--out", str(out)],
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=dict(os.environ, XLA_FLAGS=flags),
+            env=compile_fast_env(),
         )
         assert completed.returncode == 0, completed.stderr[-4000:]
         return json.loads(out.read_text()), out.with_suffix(".md").read_text()

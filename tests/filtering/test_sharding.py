@@ -1,7 +1,6 @@
 """The particle axis and the series axis sharded over 4 (virtual CPU) devices give the
 one-device result (one subprocess for both: the virtual devices need a fresh JAX)."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -103,9 +102,8 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_sharded_particles_and_series_match_one_device():
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
-    env = dict(os.environ, XLA_FLAGS=flags.strip())
+def test_sharded_particles_and_series_match_one_device(compile_fast_env):
+    env = compile_fast_env("--xla_force_host_platform_device_count=4")
     env.pop("JAX_ENABLE_X64", None)
     completed = subprocess.run(
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600
