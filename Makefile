@@ -35,10 +35,11 @@ demo: $(VENV)/.installed-examples
 PYTEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --max-worker-restart=0
 TEST_XLA_FLAGS := --xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1
+TEST_ENV := XLA_FLAGS="$(TEST_XLA_FLAGS) $$XLA_FLAGS"
 X64_TESTS = $(filter-out %/test_bad_input.py %/test_transforms.py,$(wildcard tests/resampling/test_*.py))
 test: $(VENV)/.installed-test
-	XLA_FLAGS="$(TEST_XLA_FLAGS) $$XLA_FLAGS" $(PYTEST)
-	XLA_FLAGS="$(TEST_XLA_FLAGS) $$XLA_FLAGS" JAX_ENABLE_X64=1 $(PYTEST) -m "not slow and not fixed_precision" $(X64_TESTS)
+	$(TEST_ENV) $(PYTEST)
+	$(TEST_ENV) JAX_ENABLE_X64=1 $(PYTEST) -m "not slow and not fixed_precision" $(X64_TESTS)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

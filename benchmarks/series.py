@@ -341,8 +341,7 @@ def nuts_section(config: dict, nuts: dict) -> list[str]:
     with_ess = all("particle_ess" in row for row in nuts["parameters"])
     lines = [
         f"## NUTS, S = {config['nuts_series']}, N = {num_particles}, "
-        f"{particle_warmup} warm-up + "
-        f"{config['num_samples']} draws, one chain",
+        f"{particle_warmup} warm-up + {config['num_samples']} draws, one chain",
         "",
         *([f"Added later (`--add-nuts`): {load_line(nuts['meta'])}", ""] if "meta" in nuts else []),
         (
