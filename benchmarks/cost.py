@@ -17,8 +17,14 @@ and the compiled HLO's instructions are counted, for:
 * `baseline`: with `--baseline REF`, the default row of the package as of git revision REF,
   run in a subprocess on a `git archive` copy, in the same run on the same machine.
 
+The compiler-settings section times the default row at N = 64 once per XLA setting a CPU user
+may choose (docs/concepts.md, "Compile time on the CPU"; the test run's is among them), each
+in a fresh process (XLA reads `XLA_FLAGS` once per process) with JAX's compilation cache off,
+so every compile is a cold one.
+
     python benchmarks/cost.py                         # the table
     python benchmarks/cost.py --baseline c151462      # with "before" rows
+    python benchmarks/cost.py --add-compiler-settings # that section alone, into the stored report
 
 Writes `benchmarks/results/cost.{json,md}`.
 """
@@ -44,6 +50,22 @@ VARIANTS = (
     "unguarded densities",
     "resampler x (T-1)",
 )
+
+# Name -> XLA_FLAGS. The older CPU code emitters and LLVM's optimisation level are the two
+# settings that changed the filter's compile time (benchmarks/results/suite_timing.md);
+# `make test` runs with "older emitters + level 1".
+COMPILER_SETTINGS = {
+    "XLA defaults": "",
+    "older emitters": "--xla_cpu_use_fusion_emitters=false",
+    "level 1": "--xla_backend_optimization_level=1",
+    "older emitters + level 1": (
+        "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
+    ),
+    "older emitters + level 0": (
+        "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
+    ),
+}
+COMPILER_PARTICLES = 64
 
 
 def ar1(theta):
@@ -76,10 +98,27 @@ def parse_arguments(argv=None):
         default="100,500,1000,2000,5000",
         help="T values of the long-series section (N = 64); empty to skip it",
     )
+    parser.add_argument(
+        "--compiler-settings",
+        default=",".join(COMPILER_SETTINGS),
+        help="names from COMPILER_SETTINGS, comma-separated; empty to skip the section",
+    )
+    parser.add_argument(
+        "--add-compiler-settings",
+        action="store_true",
+        help="measure only the compiler-settings section and add it to the report at --out",
+    )
     parser.add_argument("--measure-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.particles, args.num_time_steps, args.series_lengths = "16", 5, "10,20"
+        args.compiler_settings = "XLA defaults"
+    args.compiler_settings = [name for name in args.compiler_settings.split(",") if name]
+    unknown = set(args.compiler_settings) - set(COMPILER_SETTINGS)
+    if unknown:
+        parser.error(
+            f"unknown compiler settings {sorted(unknown)}; choose from {COMPILER_SETTINGS}"
+        )
     args.series_lengths = [int(t) for t in args.series_lengths.split(",") if t]
     args.particles = [int(n) for n in args.particles.split(",")]
     args.variants = args.variants.split(",")
@@ -256,6 +295,32 @@ def long_series(args) -> list[dict]:
     return rows
 
 
+def default_rows_in_subprocess(args, particles, directory, environment) -> list[dict]:
+    """The default row at each of `particles`, measured by this script in a new process."""
+    out = Path(directory) / "rows.json"
+    command = (
+        [
+            sys.executable,
+            str(Path(__file__)),
+            "--measure-only",
+            "--variants",
+            "default",
+            "--particles",
+            ",".join(map(str, particles)),
+            "--num-time-steps",
+            str(args.num_time_steps),
+            "--diffusion-steps",
+            str(args.diffusion_steps),
+            "--out",
+            str(out),
+        ]
+        + (["--x64"] if args.x64 else [])
+        + (["--quick"] if args.quick else [])
+    )
+    subprocess.run(command, check=True, env=environment, cwd=directory)
+    return json.loads(out.read_text())
+
+
 def baseline_rows(args) -> list[dict]:
     """The default row of revision `args.baseline`, timed in a subprocess on its own copy."""
     with tempfile.TemporaryDirectory() as directory:
@@ -263,31 +328,44 @@ def baseline_rows(args) -> list[dict]:
             ["git", "-C", str(ROOT), "archive", args.baseline], capture_output=True, check=True
         )
         subprocess.run(["tar", "-x", "-C", directory], input=archive.stdout, check=True)
-        out = Path(directory) / "baseline.json"
-        command = (
-            [
-                sys.executable,
-                str(Path(__file__)),
-                "--measure-only",
-                "--variants",
-                "default",
-                "--particles",
-                ",".join(map(str, args.particles)),
-                "--num-time-steps",
-                str(args.num_time_steps),
-                "--diffusion-steps",
-                str(args.diffusion_steps),
-                "--out",
-                str(out),
-            ]
-            + (["--x64"] if args.x64 else [])
-            + (["--quick"] if args.quick else [])
-        )
         environment = dict(os.environ, PYTHONPATH=directory)
-        subprocess.run(command, check=True, env=environment, cwd=directory)
-        rows = json.loads(out.read_text())
+        rows = default_rows_in_subprocess(args, args.particles, directory, environment)
     for row in rows:
         row["variant"] = f"baseline {args.baseline}"
+    return rows
+
+
+def compiler_setting_rows(args) -> list[dict]:
+    """The default row at N = 64 (16 under `--quick`) under each of `args.compiler_settings`.
+
+    One process per setting, with JAX's compilation cache off: `compile_s` is a cold trace,
+    lowering and XLA compile of the `value_and_grad` (`_common.time_call`).
+    """
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))
+    }
+    environment["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    num_particles = args.particles[0] if args.quick else COMPILER_PARTICLES
+    rows = []
+    for name in args.compiler_settings:
+        flags = COMPILER_SETTINGS[name]
+        with tempfile.TemporaryDirectory() as directory:
+            (row,) = default_rows_in_subprocess(
+                args, [num_particles], directory, dict(environment, XLA_FLAGS=flags)
+            )
+        rows.append(
+            {
+                "setting": name,
+                "XLA_FLAGS": flags,
+                "N": num_particles,
+                "compile_s": row["compile_s"],
+                "ms": row["ms"],
+                "runs": row["runs"],
+            }
+        )
+        print(f"compiler setting {name!r}: {rows[-1]}", flush=True)
     return rows
 
 
@@ -364,6 +442,37 @@ def render(report) -> str:
                 ],
             ),
         ]
+    settings = report.get("compiler_settings")
+    if settings and settings["rows"]:
+        rows = settings["rows"]
+        lines += [
+            "",
+            "## Compiler settings",
+            "",
+            *(
+                [f"Added later (`--add-compiler-settings`): {load_line(settings['meta'])}", ""]
+                if "meta" in settings
+                else []
+            ),
+            f"The default row at N = {rows[0]['N']} (T = {meta['num_time_steps']}, K = "
+            f"{meta['diffusion_steps']}), one fresh process per `XLA_FLAGS` setting with JAX's "
+            "compilation cache off, one run each: seconds to trace, lower and compile the "
+            "`value_and_grad` cold, and median ms per call of the compiled code.",
+            "",
+            markdown_table(
+                ["setting", "XLA_FLAGS", "compile s", "ms per call"],
+                [
+                    [
+                        row["setting"],
+                        f"`{row['XLA_FLAGS']}`" if row["XLA_FLAGS"] else "(none)",
+                        row["compile_s"],
+                        row["ms"],
+                    ]
+                    for row in rows
+                ],
+                align="llrr",
+            ),
+        ]
     lines.append("")
     return "\n".join(lines)
 
@@ -374,8 +483,23 @@ def main(argv=None):
         rows = measure(args)
         args.out.write_text(json.dumps(rows))
         return rows
-    from _common import run_metadata, write_report
+    from _common import finish_metadata, run_metadata, write_report
 
+    if args.add_compiler_settings:
+        report = json.loads(args.out.read_text())
+        # The stored table's settings, so that the section times the same problem.
+        stored = report["meta"]
+        args.num_time_steps, args.diffusion_steps = (
+            stored["num_time_steps"],
+            stored["diffusion_steps"],
+        )
+        args.x64 = stored["dtype"] == "float64"
+        section_meta = run_metadata(settings=args.compiler_settings)
+        rows = compiler_setting_rows(args)
+        report["compiler_settings"] = {"meta": finish_metadata(section_meta), "rows": rows}
+        text = write_report(args.out, report, render)
+        print(text)
+        return rows
     meta = run_metadata(
         num_time_steps=args.num_time_steps,
         diffusion_steps=args.diffusion_steps,
@@ -386,7 +510,12 @@ def main(argv=None):
     rows = measure(args)
     if args.baseline:
         rows += baseline_rows(args)
-    report = {"meta": meta, "rows": rows, "long_series": long_series(args)}
+    report = {
+        "meta": meta,
+        "rows": rows,
+        "long_series": long_series(args),
+        "compiler_settings": {"rows": compiler_setting_rows(args)},
+    }
     text = write_report(args.out, report, render)
     print(text)
     return rows

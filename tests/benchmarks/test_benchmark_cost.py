@@ -16,3 +16,8 @@ def test_quick_run_times_every_variant(quick_benchmark):
     # Rematerialising every step adds instructions to the compiled gradient.
     by_variant = {row["variant"]: row for row in rows}
     assert by_variant["checkpoint"]["hlo_instructions"] > by_variant["default"]["hlo_instructions"]
+    # The compiler-settings section: one fresh process per XLA setting (one under --quick).
+    (setting,) = report["compiler_settings"]["rows"]
+    assert setting["setting"] == "XLA defaults" and setting["XLA_FLAGS"] == ""
+    assert setting["compile_s"] > 0 and math.isfinite(setting["ms"]) and setting["ms"] > 0
+    assert "## Compiler settings" in table
