@@ -27,15 +27,13 @@ demo: $(VENV)/.installed-examples
 # file each at a time, so module fixtures are compiled once): most tests are dominated by
 # single-threaded XLA compilation, so two processes use both cores of a CI machine. A worker
 # that dies ends the run at once (--max-worker-restart=0): after one crash pytest-xdist went on
-# waiting until CI's time limit instead of reporting it. `--no-loadscope-reorder` keeps the
-# collection order, which tests/conftest.py sets to the longest files first.
+# waiting until CI's time limit instead of reporting it.
 # Compiler settings (benchmarks/results/suite_timing.md): XLA's older CPU code emitters
 # (`xla_cpu_use_fusion_emitters=false`) and LLVM optimisation level 1 compile the filter's
 # gradient in half the time of the defaults, and the compiled code ran about as fast (level 0
 # compiles faster still but ran the filter's gradient and the samplers about twice as slowly).
 PYTEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder \
-	--max-worker-restart=0
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --max-worker-restart=0
 TEST_XLA_FLAGS := --xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1
 TEST_ENV := XLA_FLAGS="$(TEST_XLA_FLAGS) $$XLA_FLAGS"
 X64_TESTS = $(filter-out %/test_bad_input.py %/test_transforms.py,$(wildcard tests/resampling/test_*.py))

@@ -29,11 +29,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # sets level 1).
 SMOKE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
 
-import file_seconds  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from file_seconds import longest_first  # noqa: E402
 
 # Every executable XLA compiles on the CPU maps its code into the process (about three memory
 # maps each), and JAX keeps them all cached. A test worker compiles thousands, and Linux caps a
@@ -51,20 +49,6 @@ def _num_maps():
             return sum(1 for _ in maps)
     except OSError:  # not Linux: no such cap to guard against
         return 0
-
-
-# Test files longest first. `make test` runs `--dist loadfile --no-loadscope-reorder`: each
-# worker takes the next file in collection order when it is nearly done with its current one.
-# Without an order pytest-xdist starts the files with the most tests first, which left the
-# long, few-test files (examples, NUTS checks, benchmark smoke runs) to the end, one worker
-# running them while the other had nothing left. Seconds per file from a full run
-# (`tests/file_seconds.py` rewrites them); a file not listed there goes first, as if long.
-def pytest_collection_modifyitems(config, items):
-    paths = [item.nodeid.split("::")[0] for item in items]
-    ordered = longest_first(dict.fromkeys(paths), file_seconds.stored())
-    rank = {path: i for i, path in enumerate(ordered)}
-    order = sorted(range(len(items)), key=lambda i: rank[paths[i]])  # stable within a file
-    items[:] = [items[i] for i in order]
 
 
 @pytest.fixture(autouse=True, scope="module")
