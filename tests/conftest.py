@@ -1,7 +1,6 @@
 """Shared test helpers, and the compiler settings of the test run."""
 
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -32,6 +31,7 @@ SMOKE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimizatio
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from script_loader import load_script  # noqa: E402
 
 # Every executable XLA compiles on the CPU maps its code into the process (about three memory
 # maps each), and JAX keeps them all cached. A test worker compiles thousands, and Linux caps a
@@ -103,20 +103,7 @@ def benchmark_module():
 
     Some scripts switch float64 on at import, as a script would: the suite's dtype is restored.
     """
-
-    def load(name):
-        previous = jax.config.jax_enable_x64
-        try:
-            spec = importlib.util.spec_from_file_location(
-                f"benchmark_{name}", BENCHMARKS / f"{name}.py"
-            )
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        finally:
-            jax.config.update("jax_enable_x64", previous)
-        return module
-
-    return load
+    return lambda name: load_script(BENCHMARKS / f"{name}.py", f"benchmark_{name}")
 
 
 def _mcse_mean(draws):

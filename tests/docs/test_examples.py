@@ -1,11 +1,11 @@
 """Every example runs end to end at tiny settings, writes its figure and returns finite numbers."""
 
-import importlib.util
 import math
 from pathlib import Path
 
 import jax
 import pytest
+from script_loader import load_script
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 QUIET = ["--no-progress"]
@@ -22,10 +22,7 @@ def restore_x64():
 
 
 def load(stem):
-    spec = importlib.util.spec_from_file_location(f"example_{stem}", EXAMPLES / f"{stem}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLES / f"{stem}.py", f"example_{stem}")
 
 
 def run(stem, arguments, tmp_path):
