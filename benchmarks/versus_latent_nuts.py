@@ -22,6 +22,14 @@ time to 400 effective samples.
 
     python benchmarks/versus_latent_nuts.py [--quick] [--out PATH] [--figure PATH]
     python benchmarks/versus_latent_nuts.py --models growth   # rerun one model, keep the other
+    python benchmarks/versus_latent_nuts.py --models rule     # the N rule on the stored cases
+
+The `rule` section applies the package's rule for N (log-likelihood SD over keys about 1 at a
+posterior point, `choose_num_particles`' doubling) to each stored stochastic-volatility case,
+at the posterior mean of the fit over all latents, and times one compiled gradient of the
+marginal log-density at the N it picks. From that time it projects (does not run) the
+particle fit's wall time at the leapfrog steps per iteration measured in the case's own
+particle fit: what issue 16's long-series fit at the rule's N would cost on this machine.
 """
 
 import argparse
@@ -59,7 +67,7 @@ STATICS = ("mu", "phi", "sigma")
 TRUE = {"mu": -1.0, "phi": 0.9, "sigma": 0.4}
 RESULTS = Path(__file__).resolve().parent / "results" / "versus_latent_nuts.json"
 ROUGHNESS = Path(__file__).resolve().parent / "results" / "roughness.json"
-MODELS = ("sv", "growth")
+MODELS = ("sv", "growth", "rule")
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "from_numpyro.png"
 
 
@@ -198,6 +206,117 @@ def run_case(num_steps, settings, seed):
         "time_to_400_ess_ratio": marginal["seconds_to_400_ess"] / latent["seconds_to_400_ess"],
     }
     return case, (latent_samples, marginal_samples)
+
+
+def rule_for_n(case, settings):
+    """The N rule on one stored case, one timed gradient there, and the projected fit time.
+
+    The doubling of `choose_num_particles`: from the case's N, the next power of two at or
+    above N (sd / target)^2, at least 2N, until the SD over keys is at most 1 or N reaches
+    `settings["rule_max_particles"]`.
+    """
+    returns = simulate_returns(case["num_steps"], 0)
+    point = case["latent_nuts"]["mean"]
+    num_particles = case["num_particles"]
+    sd = log_likelihood_sd(stochastic_volatility, returns, point, num_particles)
+    tried = [(num_particles, sd)]
+    while sd > 1.0 and num_particles < settings["rule_max_particles"]:
+        wanted = num_particles * sd**2
+        num_particles = min(
+            max(2 * num_particles, 1 << int(np.ceil(np.log2(wanted)))),
+            settings["rule_max_particles"],
+        )
+        sd = log_likelihood_sd(stochastic_volatility, returns, point, num_particles)
+        tried.append((num_particles, sd))
+        print(f"rule, T={case['num_steps']}: N={num_particles} sd={sd:.3f}", flush=True)
+
+    marginal = marginalize(stochastic_volatility, num_particles=num_particles)
+    values = {name: jnp.asarray(point[name], jnp.float32) for name in STATICS}
+
+    @jax.jit
+    def value_and_grad(values):
+        # The marginal log-density the NUTS potential differentiates (fixed key).
+        return jax.value_and_grad(
+            lambda v: log_density(handlers.seed(marginal, 0), (returns,), {}, v)[0]
+        )(values)
+
+    start = time.perf_counter()
+    jax.block_until_ready(value_and_grad(values))
+    first_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(value_and_grad(values))
+    gradient_seconds = time.perf_counter() - start
+    fitted = case["marginalize_nuts"]
+    iterations = fitted["num_warmup"] + fitted["num_samples"]
+    projected = iterations * fitted["mean_leapfrog_steps"] * gradient_seconds
+    return {
+        "num_steps": case["num_steps"],
+        "tried": tried,
+        "num_particles": num_particles,
+        "sd": sd,
+        "reached": sd <= 1.0,
+        "compile_and_first_seconds": first_seconds,
+        "gradient_seconds": gradient_seconds,
+        "fitted_num_particles": case["num_particles"],
+        "iterations": iterations,
+        "leapfrog_per_iteration": fitted["mean_leapfrog_steps"],
+        "projected_fit_seconds": projected,
+        "fitted_seconds": fitted["total_seconds"],
+        "latent_seconds": case["latent_nuts"]["total_seconds"],
+    }
+
+
+def render_rule(section):
+    """The N-rule section of the report."""
+    lines = [
+        "",
+        "## The N rule on these series, and what a fit at its N would cost",
+        "",
+        "The package's rule for N (log-likelihood SD over 8 keys at most 1 at the posterior "
+        "mean of the fit over all latents; N doubled, or raised to the next power of two at "
+        "or above N sd^2) applied to each case above, and one compiled `value_and_grad` of "
+        "the marginal log-density timed at the N it picks (the second call; the first "
+        "includes compilation). *Projected* fit time = the particle fit's iterations x its "
+        "measured leapfrog steps per iteration (at the N of the table above) x that gradient "
+        "time: an estimate, not a run.",
+        "",
+    ]
+    rows = []
+    for row in section["rows"]:
+        rows.append(
+            [
+                str(row["num_steps"]),
+                ", ".join(f"{n}: {sd:.2f}" for n, sd in row["tried"]),
+                str(row["num_particles"]) + ("" if row["reached"] else " (cap)"),
+                row["gradient_seconds"],
+                row["compile_and_first_seconds"],
+                f"{row['iterations']} x {row['leapfrog_per_iteration']:.1f}",
+                row["projected_fit_seconds"],
+                row["latent_seconds"],
+            ]
+        )
+    lines.append(
+        markdown_table(
+            [
+                "T",
+                "N: log-lik SD tried",
+                "rule's N",
+                "s per gradient",
+                "compile + first s",
+                "iterations x leapfrog",
+                "projected fit s",
+                "NUTS over latents s",
+            ],
+            rows,
+            align="llrrrrrr",
+        )
+    )
+    lines += [
+        "",
+        f"N-rule section run {section['date']}: {section['seconds']:.0f} s, load average "
+        f"{section['load_start']} at start, {section['load_end']} at end.",
+    ]
+    return lines
 
 
 def run_growth(settings, seed):
@@ -410,6 +529,8 @@ def render(report):
             f"Growth section run {growth['date']}: {growth['seconds']:.0f} s, load average "
             f"{growth['load_start']} at start, {growth['load_end']} at end.",
         ]
+    if report.get("rule"):
+        lines += render_rule(report["rule"])
     lines.append("")
     return "\n".join(lines)
 
@@ -464,6 +585,7 @@ def main(argv=None):
             "growth_particles": 16,
             "marginal_warmup_growth": 50,
             "marginal_samples_growth": 50,
+            "rule_max_particles": 16,
         }
         steps = args.steps or [15]
     else:
@@ -477,6 +599,7 @@ def main(argv=None):
             "growth_particles": 256,
             "marginal_warmup_growth": 300,
             "marginal_samples_growth": 400,
+            "rule_max_particles": 4096,
         }
         steps = args.steps or [100]
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -508,6 +631,19 @@ def main(argv=None):
         print(json.dumps(report["growth"], default=float), flush=True)
     elif previous.get("growth"):
         report["growth"] = previous["growth"]
+    if "rule" in models:
+        start, load_start = time.perf_counter(), load_average()
+        date = run_metadata()["date"]
+        report["rule"] = {
+            "rows": [rule_for_n(case, settings) for case in report["cases"]],
+            "date": date,
+            "load_start": load_start,
+            "load_end": load_average(),
+            "seconds": time.perf_counter() - start,
+        }
+        print(json.dumps(report["rule"], default=float), flush=True)
+    elif previous.get("rule"):
+        report["rule"] = previous["rule"]
     print(write_report(args.out, report, render))
 
 

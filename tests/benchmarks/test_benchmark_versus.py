@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 
 def test_quick_benchmark_reports_both_fits(quick_benchmark):
     report, table = quick_benchmark("versus_latent_nuts", timeout=600)
@@ -25,3 +27,16 @@ def test_quick_benchmark_reports_both_fits(quick_benchmark):
         assert set(growth[key]["mean"]) == {"sv"} and growth[key]["sd"]["sv"] > 0
         assert math.isfinite(growth[key]["seconds_to_400_ess"])
     assert "nonlinear growth" in table
+    # The N rule on the SV case: the SDs it measured, the N it stopped at (the first with an
+    # SD of at most 1, or the cap of 16), one timed gradient and a projection from it.
+    (rule,) = report["rule"]["rows"]
+    counts = [n for n, _ in rule["tried"]]
+    assert counts[0] == case["num_particles"] and counts[-1] == rule["num_particles"]
+    assert all(later >= 2 * earlier for earlier, later in zip(counts, counts[1:]))
+    assert all(sd > 1.0 for _, sd in rule["tried"][:-1])
+    assert rule["reached"] == (rule["sd"] <= 1.0) and (rule["reached"] or counts[-1] == 16)
+    assert rule["gradient_seconds"] > 0
+    assert rule["projected_fit_seconds"] == pytest.approx(
+        rule["iterations"] * rule["leapfrog_per_iteration"] * rule["gradient_seconds"]
+    )
+    assert "## The N rule" in table
