@@ -32,7 +32,7 @@ def test_quick_benchmark_reports_both_fits(quick_benchmark):
     (rule,) = report["rule"]["rows"]
     counts = [n for n, _ in rule["tried"]]
     assert counts[0] == case["num_particles"] and counts[-1] == rule["num_particles"]
-    assert all(later >= 2 * earlier for earlier, later in zip(counts, counts[1:]))
+    assert all(later >= 2 * earlier for earlier, later in zip(counts[:-1], counts[1:], strict=True))
     assert all(sd > 1.0 for _, sd in rule["tried"][:-1])
     assert rule["reached"] == (rule["sd"] <= 1.0) and (rule["reached"] or counts[-1] == 16)
     assert rule["gradient_seconds"] > 0
