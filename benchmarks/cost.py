@@ -32,6 +32,7 @@ Writes `benchmarks/results/cost.{json,md}`.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,7 @@ VARIANTS = (
 # Name -> XLA_FLAGS. The older CPU code emitters and LLVM's optimisation level are the two
 # settings that changed the filter's compile time (benchmarks/results/suite_timing.md);
 # `make test` runs with "older emitters + level 1".
+_NO_YNN_REDUCE = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_REDUCE"
 COMPILER_SETTINGS = {
     "XLA defaults": "",
     "older emitters": "--xla_cpu_use_fusion_emitters=false",
@@ -63,6 +65,14 @@ COMPILER_SETTINGS = {
     ),
     "older emitters + level 0": (
         "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
+    ),
+    # XLA hands row reductions with their producers (the attention's logits, max and exp) to
+    # YNNPACK by default; a profile of the N = 64 gradient put those kernels at 21 us each
+    # against 7 us as XLA's own loops.
+    "no YNN reductions": _NO_YNN_REDUCE,
+    "level 1 + no YNN reductions": "--xla_backend_optimization_level=1 " + _NO_YNN_REDUCE,
+    "older emitters + level 1 + no YNN reductions": (
+        "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1 " + _NO_YNN_REDUCE
     ),
 }
 COMPILER_PARTICLES = 64
@@ -108,11 +118,17 @@ def parse_arguments(argv=None):
         action="store_true",
         help="measure only the compiler-settings section and add it to the report at --out",
     )
+    parser.add_argument(
+        "--compiler-rounds",
+        type=int,
+        default=3,
+        help="processes per compiler setting, the settings taking turns (default 3)",
+    )
     parser.add_argument("--measure-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.particles, args.num_time_steps, args.series_lengths = "16", 5, "10,20"
-        args.compiler_settings = "XLA defaults"
+        args.compiler_settings, args.compiler_rounds = "XLA defaults", 1
     args.compiler_settings = [name for name in args.compiler_settings.split(",") if name]
     unknown = set(args.compiler_settings) - set(COMPILER_SETTINGS)
     if unknown:
@@ -338,8 +354,10 @@ def baseline_rows(args) -> list[dict]:
 def compiler_setting_rows(args) -> list[dict]:
     """The default row at N = 64 (16 under `--quick`) under each of `args.compiler_settings`.
 
-    One process per setting, with JAX's compilation cache off: `compile_s` is a cold trace,
-    lowering and XLA compile of the `value_and_grad` (`_common.time_call`).
+    One process per setting and round, with JAX's compilation cache off: `compile_s` is a cold
+    trace, lowering and XLA compile of the `value_and_grad` (`_common.time_call`). The settings
+    take turns, round by round (`--compiler-rounds`), so that a slow spell of a shared machine
+    falls on all of them; each row reports the median over rounds and the range.
     """
     environment = {
         name: value
@@ -348,25 +366,38 @@ def compiler_setting_rows(args) -> list[dict]:
     }
     environment["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     num_particles = args.particles[0] if args.quick else COMPILER_PARTICLES
+    measured = {name: [] for name in args.compiler_settings}
+    for round_number in range(args.compiler_rounds):
+        for name in args.compiler_settings:
+            flags = COMPILER_SETTINGS[name]
+            with tempfile.TemporaryDirectory() as directory:
+                (row,) = default_rows_in_subprocess(
+                    args, [num_particles], directory, dict(environment, XLA_FLAGS=flags)
+                )
+            measured[name].append(row)
+            print(f"compiler setting {name!r}, round {round_number}: {row}", flush=True)
     rows = []
-    for name in args.compiler_settings:
-        flags = COMPILER_SETTINGS[name]
-        with tempfile.TemporaryDirectory() as directory:
-            (row,) = default_rows_in_subprocess(
-                args, [num_particles], directory, dict(environment, XLA_FLAGS=flags)
-            )
+    for name, runs in measured.items():
+        compile_s = [run["compile_s"] for run in runs]
+        ms = [run["ms"] for run in runs]
         rows.append(
             {
                 "setting": name,
-                "XLA_FLAGS": flags,
+                "XLA_FLAGS": COMPILER_SETTINGS[name],
                 "N": num_particles,
-                "compile_s": row["compile_s"],
-                "ms": row["ms"],
-                "runs": row["runs"],
+                "rounds": len(runs),
+                "compile_s": statistics.median(compile_s),
+                "ms": statistics.median(ms),
+                "compile_s_range": [min(compile_s), max(compile_s)],
+                "ms_range": [min(ms), max(ms)],
             }
         )
-        print(f"compiler setting {name!r}: {rows[-1]}", flush=True)
     return rows
+
+
+def _range(bounds) -> str:
+    """`low-high` over a section's rounds, to 3 significant digits ("-" for one run)."""
+    return f"{bounds[0]:.3g}-{bounds[1]:.3g}" if bounds and bounds[0] != bounds[1] else "-"
 
 
 def render(report) -> str:
@@ -455,22 +486,26 @@ def render(report) -> str:
                 else []
             ),
             f"The default row at N = {rows[0]['N']} (T = {meta['num_time_steps']}, K = "
-            f"{meta['diffusion_steps']}), one fresh process per `XLA_FLAGS` setting with JAX's "
-            "compilation cache off, one run each: seconds to trace, lower and compile the "
-            "`value_and_grad` cold, and median ms per call of the compiled code.",
+            f"{meta['diffusion_steps']}), one fresh process per `XLA_FLAGS` setting and round "
+            "with JAX's compilation cache off, the settings taking turns over "
+            f"{rows[0].get('rounds', 1)} round(s): seconds to trace, lower and compile the "
+            "`value_and_grad` cold, and the median ms per call of the compiled code; the median "
+            "over rounds, and the range.",
             "",
             markdown_table(
-                ["setting", "XLA_FLAGS", "compile s", "ms per call"],
+                ["setting", "XLA_FLAGS", "compile s", "range", "ms per call", "range"],
                 [
                     [
                         row["setting"],
                         f"`{row['XLA_FLAGS']}`" if row["XLA_FLAGS"] else "(none)",
                         row["compile_s"],
+                        _range(row.get("compile_s_range")),
                         row["ms"],
+                        _range(row.get("ms_range")),
                     ]
                     for row in rows
                 ],
-                align="llrr",
+                align="llrrrr",
             ),
         ]
     lines.append("")

@@ -20,4 +20,6 @@ def test_quick_run_times_every_variant(quick_benchmark):
     (setting,) = report["compiler_settings"]["rows"]
     assert setting["setting"] == "XLA defaults" and setting["XLA_FLAGS"] == ""
     assert setting["compile_s"] > 0 and math.isfinite(setting["ms"]) and setting["ms"] > 0
+    # One round under --quick: the median over rounds is that round, its range one point.
+    assert setting["rounds"] == 1 and setting["ms_range"] == [setting["ms"], setting["ms"]]
     assert "## Compiler settings" in table
