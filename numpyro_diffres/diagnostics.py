@@ -50,6 +50,7 @@ from numpyro_diffres.ssm import StateSpaceModel
 __all__ = [
     "ParticleCount",
     "SurfaceReport",
+    "choose_marginal_num_particles",
     "choose_num_particles",
     "filter_surface",
     "surface",
@@ -363,18 +364,116 @@ def choose_num_particles(
             `initial`, `num_keys` below 2, a log-likelihood that is not finite at `params`.
     """
     check_key(key)
-    check_positive("target_sd", target_sd)
-    initial = check_count("initial", initial, minimum=2)
-    max_particles = check_count("max_particles", max_particles, minimum=initial)
-    num_keys = check_count("num_keys", num_keys, minimum=2)
-    keys = jax.random.split(key, num_keys)
 
-    def sd_at(num_particles: int) -> float:
+    def log_likelihoods(num_particles: int) -> np.ndarray:
+        # The same keys at every N (the rule's checks have run before the first call).
+        keys = jax.random.split(key, num_keys)
         log_likelihood_fn = _filter_log_likelihood(
             model_fn, observations, num_particles=num_particles, resampler=resampler, dtype=dtype
         )
         run = jax.jit(jax.vmap(lambda key: log_likelihood_fn(key, params)))
-        values = np.asarray(run(keys), dtype=np.float64)
+        return np.asarray(run(keys), dtype=np.float64)
+
+    return _num_particles_rule(
+        log_likelihoods,
+        target_sd=target_sd,
+        initial=initial,
+        max_particles=max_particles,
+        num_keys=num_keys,
+    )
+
+
+def choose_marginal_num_particles(
+    key: PRNGKey,
+    model: Callable,
+    params: dict[str, Any],
+    *,
+    model_args: tuple = (),
+    model_kwargs: dict[str, Any] | None = None,
+    target_sd: float = 1.0,
+    initial: int = 64,
+    max_particles: int = 8192,
+    num_keys: int = 16,
+    **marginalize_options: Any,
+) -> ParticleCount:
+    """`choose_num_particles` for a NumPyro program marginalised by `marginalize`.
+
+    The same rule, measured on the log-density NUTS would see: `marginalize(model,
+    num_particles=N, **marginalize_options)` evaluated at the static sites' values `params`
+    (as `numpyro.infer.util.log_density` takes them: constrained values by site name, e.g. an
+    SVI or optimiser estimate, or a pilot run's posterior mean), once per key through
+    `numpyro.handlers.seed`. The priors' terms do not depend on the key, so the spread over
+    keys is the marginal log-likelihood's.
+
+    Args:
+        key: PRNG key; `num_keys` keys are split from it, the same at every $N$.
+        model: the NumPyro program (a `scan` over the latent path, as `marginalize` takes).
+        params: `{site name: value}` for every static (non-marginalised) sample site.
+        model_args: positional arguments of `model`.
+        model_kwargs: keyword arguments of `model`.
+        target_sd: the SD to reach (default 1.0).
+        initial: the first $N$ tried (default 64).
+        max_particles: the largest $N$ tried (default 8192).
+        num_keys: log-densities per $N$ (default 16).
+        **marginalize_options: passed to `marginalize` (e.g. `resampler`).
+
+    Returns:
+        A `ParticleCount`.
+
+    Raises:
+        TypeError: `model` not callable, `params` not a dict, a non-integer count, a bad key.
+        ValueError: as for `choose_num_particles`; `marginalize`'s own errors at trace time.
+    """
+    from numpyro import handlers
+    from numpyro.infer.util import log_density
+
+    from numpyro_diffres.marginalize import marginalize
+
+    check_key(key)
+    if not callable(model):
+        raise TypeError(f"model must be a callable NumPyro program, got {model!r}.")
+    if not isinstance(params, dict):
+        raise TypeError(
+            "params must be a dict {site name: value} of the static sites' values, got "
+            f"{type(params).__name__}."
+        )
+    model_kwargs = {} if model_kwargs is None else model_kwargs
+
+    def log_likelihoods(num_particles: int) -> np.ndarray:
+        keys = jax.random.split(key, num_keys)
+        marginal = marginalize(model, num_particles=num_particles, **marginalize_options)
+
+        def log_joint(key):
+            seeded = handlers.seed(marginal, key)
+            return log_density(seeded, model_args, model_kwargs, params)[0]
+
+        return np.asarray(jax.jit(jax.vmap(log_joint))(keys), dtype=np.float64)
+
+    return _num_particles_rule(
+        log_likelihoods,
+        target_sd=target_sd,
+        initial=initial,
+        max_particles=max_particles,
+        num_keys=num_keys,
+    )
+
+
+def _num_particles_rule(
+    log_likelihoods: Callable[[int], np.ndarray],
+    *,
+    target_sd: float,
+    initial: int,
+    max_particles: int,
+    num_keys: int,
+) -> ParticleCount:
+    """The doubling rule of `choose_num_particles` over `log_likelihoods(N) -> (num_keys,)`."""
+    check_positive("target_sd", target_sd)
+    initial = check_count("initial", initial, minimum=2)
+    max_particles = check_count("max_particles", max_particles, minimum=initial)
+    num_keys = check_count("num_keys", num_keys, minimum=2)
+
+    def sd_at(num_particles: int) -> float:
+        values = log_likelihoods(num_particles)
         if not np.all(np.isfinite(values)):
             raise ValueError(
                 f"the log-likelihood at params is not finite at N = {num_particles} "

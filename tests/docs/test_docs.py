@@ -95,6 +95,7 @@ def test_api_reference_documents_the_public_api(site):
         "marginalize.marginalize",
         "diagnostics.filter_surface",
         "diagnostics.choose_num_particles",
+        "diagnostics.choose_marginal_num_particles",
     ):
         assert f'id="numpyro_diffres.{name}"' in html, name
 
