@@ -25,7 +25,7 @@ time to 400 effective samples.
     python benchmarks/versus_latent_nuts.py --models rule     # the N rule on the stored cases
 
 The `rule` section applies the package's rule for N (log-likelihood SD over keys about 1 at a
-posterior point, `choose_num_particles`' doubling) to each stored stochastic-volatility case,
+posterior point: `diagnostics.choose_marginal_num_particles`) to each stored SV case,
 at the posterior mean of the fit over all latents, and times one compiled gradient of the
 marginal log-density at the N it picks. From that time it projects (does not run) the
 particle fit's wall time at the leapfrog steps per iteration measured in the case's own
@@ -209,29 +209,28 @@ def run_case(num_steps, settings, seed):
 
 
 def rule_for_n(case, settings):
-    """The N rule on one stored case, one timed gradient there, and the projected fit time.
+    """The package's N rule on one stored case, one timed gradient there, and a projection.
 
-    The doubling of `choose_num_particles`: from the case's N, the next power of two at or
-    above N (sd / target)^2, at least 2N, until the SD over keys is at most 1 or N reaches
-    `settings["rule_max_particles"]`.
+    `ndr.diagnostics.choose_marginal_num_particles` on the program, at the posterior mean of
+    the fit over all latents, from the case's N (8 keys, up to
+    `settings["rule_max_particles"]`).
     """
     returns = simulate_returns(case["num_steps"], 0)
     point = case["latent_nuts"]["mean"]
-    num_particles = case["num_particles"]
-    sd = log_likelihood_sd(stochastic_volatility, returns, point, num_particles)
-    tried = [(num_particles, sd)]
-    while sd > 1.0 and num_particles < settings["rule_max_particles"]:
-        wanted = num_particles * sd**2
-        num_particles = min(
-            max(2 * num_particles, 1 << int(np.ceil(np.log2(wanted)))),
-            settings["rule_max_particles"],
-        )
-        sd = log_likelihood_sd(stochastic_volatility, returns, point, num_particles)
-        tried.append((num_particles, sd))
-        print(f"rule, T={case['num_steps']}: N={num_particles} sd={sd:.3f}", flush=True)
+    values = {name: jnp.asarray(point[name], jnp.float32) for name in STATICS}
+    choice = ndr.diagnostics.choose_marginal_num_particles(
+        jax.random.PRNGKey(0),
+        stochastic_volatility,
+        values,
+        model_args=(returns,),
+        initial=case["num_particles"],
+        max_particles=settings["rule_max_particles"],
+        num_keys=8,
+    )
+    print(f"rule, T={case['num_steps']}: {choice}", flush=True)
+    num_particles, tried, sd = choice.num_particles, [list(t) for t in choice.tried], choice.sd
 
     marginal = marginalize(stochastic_volatility, num_particles=num_particles)
-    values = {name: jnp.asarray(point[name], jnp.float32) for name in STATICS}
 
     @jax.jit
     def value_and_grad(values):
@@ -254,7 +253,7 @@ def rule_for_n(case, settings):
         "tried": tried,
         "num_particles": num_particles,
         "sd": sd,
-        "reached": sd <= 1.0,
+        "reached": choice.reached,
         "compile_and_first_seconds": first_seconds,
         "gradient_seconds": gradient_seconds,
         "fitted_num_particles": case["num_particles"],
@@ -272,9 +271,10 @@ def render_rule(section):
         "",
         "## The N rule on these series, and what a fit at its N would cost",
         "",
-        "The package's rule for N (log-likelihood SD over 8 keys at most 1 at the posterior "
-        "mean of the fit over all latents; N doubled, or raised to the next power of two at "
-        "or above N sd^2) applied to each case above, and one compiled `value_and_grad` of "
+        "The package's rule for N, `ndr.diagnostics.choose_marginal_num_particles` on the "
+        "program (log-likelihood SD over 8 keys at most 1 at the posterior mean of the fit "
+        "over all latents; N doubled, or raised to the next power of two at or above N "
+        "sd^2), applied to each case above, and one compiled `value_and_grad` of "
         "the marginal log-density timed at the N it picks (the second call; the first "
         "includes compilation). *Projected* fit time = the particle fit's iterations x its "
         "measured leapfrog steps per iteration (at the N of the table above) x that gradient "
