@@ -40,10 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.typing import DTypeLike
+from numpyro import handlers
+from numpyro.infer.util import log_density
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.checks import check_count, check_key, check_positive
 from numpyro_diffres.filtering import particle_filter
+from numpyro_diffres.marginalize import marginalize
 from numpyro_diffres.resampling import Resampler
 from numpyro_diffres.ssm import StateSpaceModel
 
@@ -422,13 +425,9 @@ def choose_marginal_num_particles(
 
     Raises:
         TypeError: `model` not callable, `params` not a dict, a non-integer count, a bad key.
-        ValueError: as for `choose_num_particles`; `marginalize`'s own errors at trace time.
+        ValueError: as for `choose_num_particles`; a static site missing from `params`;
+            `marginalize`'s own errors at trace time.
     """
-    from numpyro import handlers
-    from numpyro.infer.util import log_density
-
-    from numpyro_diffres.marginalize import marginalize
-
     check_key(key)
     if not callable(model):
         raise TypeError(f"model must be a callable NumPyro program, got {model!r}.")
@@ -444,8 +443,23 @@ def choose_marginal_num_particles(
         marginal = marginalize(model, num_particles=num_particles, **marginalize_options)
 
         def log_joint(key):
-            seeded = handlers.seed(marginal, key)
-            return log_density(seeded, model_args, model_kwargs, params)[0]
+            value, trace = log_density(
+                handlers.seed(marginal, key), model_args, model_kwargs, params
+            )
+            # A static site left out of `params` would be drawn afresh for every key, and its
+            # prior's spread counted as the likelihood's: refuse at trace time.
+            missing = [
+                name
+                for name, site in trace.items()
+                if site["type"] == "sample" and not site["is_observed"] and name not in params
+            ]
+            if missing:
+                raise ValueError(
+                    f"params has no value for the static sites {missing}: give every sample "
+                    "site that marginalize leaves (the statics) a value, e.g. a pilot fit's "
+                    "posterior mean."
+                )
+            return value
 
         return np.asarray(jax.jit(jax.vmap(log_joint))(keys), dtype=np.float64)
 

@@ -265,6 +265,11 @@ def test_choose_marginal_num_particles_checks_its_arguments(ar1_data):
         )
     with pytest.raises(TypeError, match="model must be a callable"):
         diagnostics.choose_marginal_num_particles(jax.random.PRNGKey(0), None, {"phi": 0.8})
+    # sigma would be drawn from its prior for every key.
+    with pytest.raises(ValueError, match=r"no value for the static sites \['sigma'\]"):
+        diagnostics.choose_marginal_num_particles(
+            jax.random.PRNGKey(0), ar1_program, {"phi": 0.8}, model_args=(ar1_data,), initial=8
+        )
     with pytest.raises(ValueError, match="target_sd"):
         diagnostics.choose_marginal_num_particles(
             jax.random.PRNGKey(0),
