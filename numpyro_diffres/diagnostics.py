@@ -368,22 +368,13 @@ def choose_num_particles(
     """
     check_key(key)
 
-    def log_likelihoods(num_particles: int) -> np.ndarray:
-        # The same keys at every N (the rule's checks have run before the first call).
-        keys = jax.random.split(key, num_keys)
+    def log_likelihood_at(num_particles: int) -> Callable[[PRNGKey], Array]:
         log_likelihood_fn = _filter_log_likelihood(
             model_fn, observations, num_particles=num_particles, resampler=resampler, dtype=dtype
         )
-        run = jax.jit(jax.vmap(lambda key: log_likelihood_fn(key, params)))
-        return np.asarray(run(keys), dtype=np.float64)
+        return lambda key: log_likelihood_fn(key, params)
 
-    return _num_particles_rule(
-        log_likelihoods,
-        target_sd=target_sd,
-        initial=initial,
-        max_particles=max_particles,
-        num_keys=num_keys,
-    )
+    return _num_particles_rule(key, log_likelihood_at, target_sd, initial, max_particles, num_keys)
 
 
 def choose_marginal_num_particles(
@@ -438,8 +429,7 @@ def choose_marginal_num_particles(
         )
     model_kwargs = {} if model_kwargs is None else model_kwargs
 
-    def log_likelihoods(num_particles: int) -> np.ndarray:
-        keys = jax.random.split(key, num_keys)
+    def log_likelihood_at(num_particles: int) -> Callable[[PRNGKey], Array]:
         marginal = marginalize(model, num_particles=num_particles, **marginalize_options)
 
         def log_joint(key):
@@ -461,33 +451,33 @@ def choose_marginal_num_particles(
                 )
             return value
 
-        return np.asarray(jax.jit(jax.vmap(log_joint))(keys), dtype=np.float64)
+        return log_joint
 
-    return _num_particles_rule(
-        log_likelihoods,
-        target_sd=target_sd,
-        initial=initial,
-        max_particles=max_particles,
-        num_keys=num_keys,
-    )
+    return _num_particles_rule(key, log_likelihood_at, target_sd, initial, max_particles, num_keys)
 
 
 def _num_particles_rule(
-    log_likelihoods: Callable[[int], np.ndarray],
-    *,
+    key: PRNGKey,
+    log_likelihood_at: Callable[[int], Callable[[PRNGKey], Array]],
     target_sd: float,
     initial: int,
     max_particles: int,
     num_keys: int,
 ) -> ParticleCount:
-    """The doubling rule of `choose_num_particles` over `log_likelihoods(N) -> (num_keys,)`."""
+    """The doubling rule of `choose_num_particles`.
+
+    `log_likelihood_at(N)` is `key -> log-likelihood estimate` at $N$ particles; it is run,
+    jitted and vmapped, on the same `num_keys` keys split from `key` at every $N$.
+    """
     check_positive("target_sd", target_sd)
     initial = check_count("initial", initial, minimum=2)
     max_particles = check_count("max_particles", max_particles, minimum=initial)
     num_keys = check_count("num_keys", num_keys, minimum=2)
+    keys = jax.random.split(key, num_keys)
 
     def sd_at(num_particles: int) -> float:
-        values = log_likelihoods(num_particles)
+        run = jax.jit(jax.vmap(log_likelihood_at(num_particles)))
+        values = np.asarray(run(keys), dtype=np.float64)
         if not np.all(np.isfinite(values)):
             raise ValueError(
                 f"the log-likelihood at params is not finite at N = {num_particles} "
