@@ -53,8 +53,8 @@ VARIANTS = (
 )
 
 # Name -> XLA_FLAGS. The older CPU code emitters and LLVM's optimisation level are the two
-# settings that changed the filter's compile time (benchmarks/results/suite_timing.md);
-# `make test` runs with "older emitters + level 1".
+# settings that changed the filter's compile time, YNNPACK's reduction fusions its run time
+# (benchmarks/results/suite_timing.md); `make test` runs with "older emitters + level 1".
 _NO_YNN_REDUCE = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_REDUCE"
 COMPILER_SETTINGS = {
     "XLA defaults": "",
@@ -67,8 +67,7 @@ COMPILER_SETTINGS = {
         "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
     ),
     # XLA hands row reductions with their producers (the attention's logits, max and exp) to
-    # YNNPACK by default; a profile of the N = 64 gradient put those kernels at 21 us each
-    # against 7 us as XLA's own loops.
+    # YNNPACK by default; profiled slower than XLA's own loops (suite_timing.md).
     "no YNN reductions": _NO_YNN_REDUCE,
     "level 1 + no YNN reductions": "--xla_backend_optimization_level=1 " + _NO_YNN_REDUCE,
     "older emitters + level 1 + no YNN reductions": (

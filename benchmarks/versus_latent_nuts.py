@@ -228,9 +228,7 @@ def rule_for_n(case, settings):
         num_keys=8,
     )
     print(f"rule, T={case['num_steps']}: {choice}", flush=True)
-    num_particles, tried, sd = choice.num_particles, [list(t) for t in choice.tried], choice.sd
-
-    marginal = marginalize(stochastic_volatility, num_particles=num_particles)
+    marginal = marginalize(stochastic_volatility, num_particles=choice.num_particles)
 
     @jax.jit
     def value_and_grad(values):
@@ -250,9 +248,9 @@ def rule_for_n(case, settings):
     projected = iterations * fitted["mean_leapfrog_steps"] * gradient_seconds
     return {
         "num_steps": case["num_steps"],
-        "tried": tried,
-        "num_particles": num_particles,
-        "sd": sd,
+        "tried": choice.tried,
+        "num_particles": choice.num_particles,
+        "sd": choice.sd,
         "reached": choice.reached,
         "compile_and_first_seconds": first_seconds,
         "gradient_seconds": gradient_seconds,
