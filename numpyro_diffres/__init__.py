@@ -4,7 +4,7 @@ Diffusion resampling (Andersson & Zhao, arXiv:2512.10401) makes the fixed-noise 
 filter log-likelihood smooth in the model parameters, so SVI and NUTS can use it.
 """
 
-from numpyro_diffres import diagnostics, resampling
+from numpyro_diffres import diagnostics, infer, resampling
 from numpyro_diffres.filtering import FilterResult, particle_filter
 from numpyro_diffres.linear_gaussian import (
     LinearGaussianParams,
@@ -29,6 +29,7 @@ __all__ = [
     "dense_log_likelihood",
     "diagnostics",
     "forecast",
+    "infer",
     "kalman_filtered_moments",
     "kalman_log_likelihood",
     "linear_gaussian",

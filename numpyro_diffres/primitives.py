@@ -21,16 +21,21 @@ one batched filter (one trace, one compilation), each series with its own noise 
 key; the factor then has shape `(S, T)`.
 """
 
+import math
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpyro
+import numpyro.distributions as dist
 from jax.typing import DTypeLike
 from numpyro.distributions.distribution import Unit
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.checks import check_count, check_key, check_name
 from numpyro_diffres.filtering import FilterResult, particle_filter
+from numpyro_diffres.infer.sites import FILTER_INFO, NOISE_FLAG
+from numpyro_diffres.noise import noise_filter, noise_shape, unflatten_noise
 from numpyro_diffres.resampling import Resampler
 from numpyro_diffres.smoothing import forecast, particle_smoother
 from numpyro_diffres.ssm import StateSpaceModel, simulate
@@ -66,6 +71,7 @@ def particle_factor(
     dtype: DTypeLike | None = None,
     series_sharding: jax.sharding.NamedSharding | None = None,
     checkpoint: bool | None = None,
+    noise: str | None = None,
 ) -> FilterResult:
     """Add a particle-filter log-likelihood to the enclosing NumPyro model.
 
@@ -105,6 +111,13 @@ def particle_factor(
             plate); see `particle_filter`.
         checkpoint: recompute each step in the gradient's reverse pass (less memory, more
             time); default None decides by size, see `particle_filter`.
+        noise: None (the filter draws its randomness from the key), or `"sampled"`: every
+            random number of the filter becomes one latent site `{name}_noise` of standard
+            normals, a vector of $N \cdot$ state size $\cdot T + (T - 1)$ entries (times the
+            series), which `infer.PMMH` / `infer.CorrelatedPMMH` move with the statics. The
+            filter then resamples at every step by systematic resampling over sorted
+            particles (`noise.noise_filter`; `resampler` must be None or `systematic()`),
+            which keeps the estimate unbiased.
 
     Returns:
         The `FilterResult`, for further use in the model (series-first inside a plate).
@@ -118,6 +131,11 @@ def particle_factor(
     check_name(name)
     plates = _enclosing_plates()
     batch_shape = _plate_shape(name, plates, observations)
+    if noise is not None:
+        result = _noise_driven_filter(
+            name, model, observations, num_particles, resampler, noise, batch_shape, plates
+        )
+        return _register(name, result, resampler, plates, record, noise_driven=True)
     key = _resolve_key(key)
     result = particle_filter(
         key,
@@ -132,23 +150,60 @@ def particle_factor(
         series_sharding=series_sharding,
         checkpoint=checkpoint,
     )
+    return _register(name, result, resampler, plates, record)
+
+
+def _register(name, result, resampler, plates, record, noise_driven=False) -> FilterResult:
+    """The factor site (and recorded summaries) of a filter's result."""
+    # `numpyro.factor`'s site, plus what pseudo-marginal kernels must know of the estimate.
+    unbiased = noise_driven or bool(getattr(resampler, "has_ancestors", False))
+    info = {
+        "unbiased": unbiased,
+        "resampler": "diffusion() (the default)" if resampler is None else repr(resampler),
+    }
+    infer = {"is_auxiliary": True, FILTER_INFO: info}
     if plates:
         # The increments are laid out (*series, T); the plates must not broadcast them
         # against their own dims (NumPyro's `block_plates`, as in its reparametrisers).
-        unit = Unit(result.log_likelihood_increments)
-        numpyro.sample(
-            name,
-            unit,
-            obs=unit.sample(None),
-            infer={"is_auxiliary": True, "block_plates": [plate.name for plate in plates]},
-        )
-    else:
-        numpyro.factor(name, result.log_likelihood_increments)
+        infer["block_plates"] = [plate.name for plate in plates]
+    unit = Unit(result.log_likelihood_increments)
+    numpyro.sample(name, unit, obs=unit.sample(None), infer=infer)
     if record:
         numpyro.deterministic(f"{name}_filtered_mean", result.filtered_mean)
         numpyro.deterministic(f"{name}_filtered_variance", result.filtered_variance)
         numpyro.deterministic(f"{name}_ess", result.ess)
     return result
+
+
+def _noise_driven_filter(
+    name, model, observations, num_particles, resampler, noise, batch_shape, plates
+) -> FilterResult:
+    """`noise.noise_filter` on a `{name}_noise` latent site of standard normals."""
+    if noise != "sampled":
+        raise ValueError(f"noise must be None or 'sampled'; got {noise!r}.")
+    if resampler is not None and getattr(resampler, "scheme", None) != "systematic":
+        raise ValueError(
+            f"particle_factor({name!r}, noise='sampled') resamples by systematic resampling "
+            f"over sorted particles, driven by the noise; got resampler={resampler!r}. Pass "
+            "resampler=None or ndr.resampling.systematic()."
+        )
+    num_particles = check_count("num_particles", num_particles, minimum=2)
+    observations = jnp.asarray(observations)
+    num_batch = len(batch_shape)
+    num_steps = observations.shape[num_batch] if observations.ndim > num_batch else 0
+    if num_steps < 1:
+        raise ValueError(
+            f"observations must have a time axis with T >= 1; got {observations.shape}."
+        )
+    info = model.check(observations.shape[num_batch + 1 :], batch_shape=batch_shape)
+    shapes = noise_shape(num_steps, num_particles, info.state_shape, batch_shape)
+    size = sum(math.prod(shape) for shape in shapes)
+    flat = numpyro.sample(
+        f"{name}_noise",
+        dist.Normal(jnp.zeros(size), 1.0).to_event(1),
+        infer={NOISE_FLAG: True, "block_plates": [plate.name for plate in plates]},
+    )
+    return noise_filter(unflatten_noise(flat, shapes), model, observations, batch_shape=batch_shape)
 
 
 def _enclosing_plates() -> list[numpyro.plate]:
