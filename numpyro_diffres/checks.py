@@ -1,18 +1,17 @@
-"""Argument checks shared by every entry point.
+"""Re-exports of `numpyro_diffres._validation` (temporary: removed at merge)."""
 
-One bad value gets one error type and one message wherever it is passed: a count is an integer
-(Python or NumPy, never a bool), a fraction is a real number in $[0, 1]$, a key is one PRNG key.
-Everything here runs at trace time on Python values, so a mistake is reported before JAX
-compiles anything.
-"""
-
-import math
-import numbers
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.typing import DTypeLike
+# temporary: removed at merge, once filtering.py, smoothing.py, marginalize.py and
+# resampling/adaptive.py import numpyro_diffres._validation directly.
+from numpyro_diffres._validation import (
+    check_callable,
+    check_count,
+    check_fraction,
+    check_key,
+    check_name,
+    check_optional_bool,
+    check_positive,
+    particle_dtype,
+)
 
 __all__ = [
     "check_callable",
@@ -24,109 +23,3 @@ __all__ = [
     "check_positive",
     "particle_dtype",
 ]
-
-
-def check_positive(name: str, value: object, *, integer: bool = False) -> None:
-    """Raise unless `value` is a positive finite number (a positive integer if `integer`).
-
-    NumPy scalars count as numbers and NumPy integers as integers; bools are neither.
-
-    Raises:
-        TypeError: `value` is not a number (an integer when `integer`).
-        ValueError: `value` is not positive and finite.
-    """
-    if integer:
-        check_count(name, value, minimum=1)
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive number, got {value!r}.")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be positive and finite, got {value!r}.")
-
-
-def check_count(name: str, value: object, *, minimum: int = 1) -> int:
-    """Return `value` as an `int`, or raise unless it is an integer of at least `minimum`.
-
-    Raises:
-        TypeError: `value` is not an integer (a float such as `2.0` included).
-        ValueError: `value` is below `minimum`.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}.")
-    return int(value)
-
-
-def check_fraction(name: str, value: object) -> float:
-    """Return `value` as a `float`, or raise unless it is a real number in $[0, 1]$.
-
-    Raises:
-        TypeError: `value` is not a real number.
-        ValueError: `value` lies outside $[0, 1]$.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}.")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}.")
-    return float(value)
-
-
-def check_optional_bool(name: str, value: object) -> bool | None:
-    """Return `value`, or raise `TypeError` unless it is a bool (Python or NumPy) or None."""
-    if value is None:
-        return None
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(
-            f"{name} must be True, False or None (decide automatically), got {value!r}."
-        )
-    return bool(value)
-
-
-def check_name(value: object) -> str:
-    """Return a NumPyro site name, or raise `TypeError` unless it is a non-empty `str`."""
-    if not isinstance(value, str) or not value:
-        raise TypeError(f"name must be a non-empty str, got {value!r}.")
-    return value
-
-
-def check_callable(name: str, value: object, signature: str, example: str) -> None:
-    """Raise `TypeError` unless `value` is callable; the message shows how it is called."""
-    if not callable(value):
-        raise TypeError(f"{name} must be callable as {signature}, e.g. {example}; got {value!r}.")
-
-
-def check_key(key: object, name: str = "key") -> None:
-    """Raise `TypeError` unless `key` is one PRNG key (new-style or raw `uint32[2]`)."""
-    if isinstance(key, jax.Array | jnp.ndarray):
-        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
-            return
-        if key.dtype == jnp.uint32 and key.shape == (2,):
-            return
-    raise TypeError(
-        f"{name} must be a single PRNG key from jax.random.key(seed) or "
-        f"jax.random.PRNGKey(seed); got {type(key).__name__} "
-        f"{getattr(key, 'shape', '')} {getattr(key, 'dtype', '')}".rstrip()
-        + "."
-    )
-
-
-def particle_dtype(dtype: DTypeLike) -> jnp.dtype:
-    """Resolve the `dtype` argument of the filters: a floating dtype JAX can represent now.
-
-    Raises:
-        TypeError: `dtype` is not a floating dtype.
-        ValueError: `dtype` is float64 while 64-bit JAX is off (it would silently be float32).
-    """
-    try:
-        resolved = jnp.dtype(dtype)
-    except TypeError:
-        resolved = None
-    if resolved is None or not jnp.issubdtype(resolved, jnp.floating):
-        raise TypeError(f"dtype must be a floating dtype such as jnp.float32, got {dtype!r}.")
-    if jax.dtypes.canonicalize_dtype(resolved) != resolved:
-        raise ValueError(
-            f"dtype={resolved} needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) "
-            "first, or use jnp.float32."
-        )
-    return resolved

@@ -44,7 +44,13 @@ from numpyro import handlers
 from numpyro.infer.util import log_density
 
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.checks import check_count, check_key, check_positive
+from numpyro_diffres._validation import (
+    check_callable,
+    check_count,
+    check_key,
+    check_numpyro_model,
+    check_positive,
+)
 from numpyro_diffres.filtering import particle_filter
 from numpyro_diffres.marginalize import marginalize
 from numpyro_diffres.resampling import Resampler
@@ -168,11 +174,9 @@ def surface(
             non-positive `radius`, too few points or keys, or a `log_likelihood_fn` that
             does not return a scalar.
     """
-    if not callable(log_likelihood_fn):
-        raise TypeError(
-            "log_likelihood_fn must be callable as log_likelihood_fn(key, params) -> scalar; "
-            f"got {log_likelihood_fn!r}."
-        )
+    check_callable(
+        "log_likelihood_fn", log_likelihood_fn, "log_likelihood_fn(key, params) -> scalar"
+    )
     check_count("num_points", num_points, minimum=5)
     check_count("num_keys", num_keys, minimum=2)
     flat, unravel, names = _flatten(params)
@@ -420,8 +424,7 @@ def choose_marginal_num_particles(
             `marginalize`'s own errors at trace time.
     """
     check_key(key)
-    if not callable(model):
-        raise TypeError(f"model must be a callable NumPyro program, got {model!r}.")
+    check_numpyro_model(model, "program")
     if not isinstance(params, dict):
         raise TypeError(
             "params must be a dict {site name: value} of the static sites' values, got "
@@ -502,10 +505,7 @@ def _filter_log_likelihood(
     model_fn: Callable[[Any], StateSpaceModel], observations: Array, **filter_kwargs: Any
 ) -> Callable[[PRNGKey, Any], Array]:
     """`(key, params) -> particle_filter(key, model_fn(params), observations, ...)` value."""
-    if not callable(model_fn):
-        raise TypeError(
-            f"model_fn must be callable as model_fn(params) -> StateSpaceModel; got {model_fn!r}."
-        )
+    check_callable("model_fn", model_fn, "model_fn(params) -> StateSpaceModel")
 
     def log_likelihood_fn(key, params):
         model = model_fn(params)
@@ -550,10 +550,7 @@ def _entry_name(entry: Any) -> str:
 
 def _directions(flat, unravel, names, direction, radius):
     if radius is not None:
-        if isinstance(radius, bool) or not isinstance(radius, int | float | np.floating):
-            raise TypeError(f"radius must be a positive number, got {radius!r}.")
-        if not (radius > 0 and np.isfinite(radius)):
-            raise ValueError(f"radius must be positive and finite, got {radius!r}.")
+        check_positive("radius", radius)
     if direction is None:
         directions = jnp.eye(flat.size, dtype=flat.dtype)
         magnitude = np.maximum(np.abs(np.asarray(flat, np.float64)), 1.0)

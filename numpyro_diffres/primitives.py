@@ -32,7 +32,7 @@ from jax.typing import DTypeLike
 from numpyro.distributions.distribution import Unit
 
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.checks import check_count, check_key, check_name
+from numpyro_diffres._validation import check_count, check_key, check_name
 from numpyro_diffres.filtering import FilterResult, particle_filter
 from numpyro_diffres.infer.sites import FILTER_INFO, NOISE_FLAG
 from numpyro_diffres.noise import noise_filter, noise_shape, unflatten_noise

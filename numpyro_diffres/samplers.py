@@ -22,7 +22,12 @@ import jax.numpy as jnp
 from numpyro.infer.util import initialize_model
 
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.checks import check_key, check_positive
+from numpyro_diffres._validation import (
+    check_fraction,
+    check_key,
+    check_numpyro_model,
+    check_positive,
+)
 
 __all__ = ["BlackjaxInfo", "BlackjaxResult", "blackjax_nuts", "to_inference_data"]
 
@@ -104,15 +109,13 @@ def blackjax_nuts(
     import blackjax  # noqa: PLC0415
 
     check_key(key, "key")
-    if not callable(model):
-        raise TypeError(f"model must be a callable NumPyro model, got {model!r}.")
+    check_numpyro_model(model)
     check_positive("num_warmup", num_warmup, integer=True)
     check_positive("num_samples", num_samples, integer=True)
     check_positive("num_chains", num_chains, integer=True)
-    if isinstance(target_accept, bool) or not isinstance(target_accept, (int, float)):
-        raise TypeError(f"target_accept must be a number in (0, 1), got {target_accept!r}.")
-    if not 0.0 < target_accept < 1.0:
-        raise ValueError(f"target_accept must lie in (0, 1), got {target_accept!r}.")
+    target_accept = check_fraction(
+        "target_accept", target_accept, include_zero=False, include_one=False
+    )
 
     init_keys = jax.random.split(jax.random.fold_in(key, 0), num_chains)
     warmup_keys = jax.random.split(jax.random.fold_in(key, 1), num_chains)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from numpyro.distributions import Distribution
 
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.checks import check_count
+from numpyro_diffres._validation import check_count
 
 __all__ = ["StateSpaceModel", "simulate"]
 

@@ -23,11 +23,11 @@ matches the surface's local wiggles costs acceptance, not correctness.
 """
 
 import dataclasses
-import numbers
 
 import jax
 
 from numpyro_diffres._typing import Array, PRNGKey
+from numpyro_diffres._validation import check_fraction, check_kind
 from numpyro_diffres.resampling.base import Resampler
 
 __all__ = ["GradientDecay", "gradient_decay"]
@@ -73,16 +73,15 @@ def gradient_decay(resampler: Resampler, factor: float = 0.5) -> GradientDecay:
         TypeError: `resampler` is not callable, or `factor` is not a number.
         ValueError: `factor` outside $[0, 1]$.
     """
-    if not callable(resampler):
-        raise TypeError(
-            "gradient_decay(resampler, factor) needs a resampler callable as "
-            f"resampler(key, log_weights, particles), e.g. diffusion(); got {resampler!r}."
-        )
-    if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
-        raise TypeError(f"factor must be a number in [0, 1], got {factor!r}.")
-    if not 0.0 <= factor <= 1.0:
-        raise ValueError(
-            f"factor must lie in [0, 1] (1 keeps the full gradient, 0 stops it through the "
-            f"particle history); got {factor!r}."
-        )
-    return GradientDecay(resampler, float(factor))
+    check_kind(
+        resampler,
+        callable,
+        "gradient_decay(resampler, factor) needs a resampler callable as "
+        "resampler(key, log_weights, particles), e.g. diffusion()",
+    )
+    factor = check_fraction(
+        "factor",
+        factor,
+        meaning="1 keeps the full gradient, 0 stops it through the particle history",
+    )
+    return GradientDecay(resampler, factor)

@@ -25,14 +25,18 @@ is an approximation of the weighted cloud, exact in its first two moments only i
 
 import dataclasses
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.checks import check_positive
+from numpyro_diffres._validation import (
+    check_bool,
+    check_choice,
+    check_non_negative,
+    check_positive,
+)
 from numpyro_diffres.resampling.attention import attention, block_size
 from numpyro_diffres.resampling.base import (
     prepare,
@@ -197,16 +201,8 @@ def diffusion(
     check_positive("num_steps", num_steps, integer=True)
     check_positive("time", time)
     check_positive("rate", rate)
-    if isinstance(jitter, bool) or not isinstance(jitter, numbers.Real):
-        raise TypeError(f"jitter must be a non-negative number, got {jitter!r}.")
-    if not 0 <= jitter < math.inf:
-        raise ValueError(f"jitter must be a non-negative number, got {jitter!r}.")
-    if not isinstance(ode, bool):
-        raise TypeError(f"ode must be a bool, got {ode!r}.")
-    if integrator not in _INTEGRATORS:
-        raise ValueError(f"integrator must be one of {_INTEGRATORS}, got {integrator!r}.")
-    if covariance not in _COVARIANCES:
-        raise ValueError(f"covariance must be one of {_COVARIANCES}, got {covariance!r}.")
-    return Diffusion(
-        int(num_steps), float(time), float(rate), integrator, ode, covariance, float(jitter)
-    )
+    jitter = check_non_negative("jitter", jitter)
+    ode = check_bool("ode", ode)
+    check_choice("integrator", integrator, _INTEGRATORS)
+    check_choice("covariance", covariance, _COVARIANCES)
+    return Diffusion(int(num_steps), float(time), float(rate), integrator, ode, covariance, jitter)

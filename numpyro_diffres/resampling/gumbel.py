@@ -10,7 +10,7 @@ import dataclasses
 import jax
 
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.checks import check_positive
+from numpyro_diffres._validation import check_positive
 from numpyro_diffres.resampling.base import (
     prepare,
     standard_draw,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import lineax
 
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.checks import check_positive
+from numpyro_diffres._validation import check_bool, check_positive
 from numpyro_diffres.resampling.base import (
     prepare,
     uniform_log_weights,
@@ -224,8 +224,7 @@ def optimal_transport(
     check_positive("epsilon", epsilon)
     check_positive("threshold", threshold)
     check_positive("max_iterations", max_iterations, integer=True)
-    if not isinstance(implicit_gradient, bool):
-        raise TypeError(f"implicit_gradient must be a bool, got {implicit_gradient!r}.")
+    implicit_gradient = check_bool("implicit_gradient", implicit_gradient)
     return OptimalTransport(
         float(epsilon), float(threshold), int(max_iterations), implicit_gradient
     )

@@ -7,14 +7,14 @@ gradient through the weights at all.
 """
 
 import dataclasses
-import numbers
 
 import jax.numpy as jnp
 
+from numpyro_diffres._log_density import log_normalize
 from numpyro_diffres._typing import Array, PRNGKey
+from numpyro_diffres._validation import check_fraction, check_kind
 from numpyro_diffres.resampling.base import prepare
 from numpyro_diffres.resampling.index import IndexResampler, multinomial
-from numpyro_diffres.weights import log_normalize
 
 __all__ = ["Soft", "soft"]
 
@@ -49,13 +49,10 @@ def soft(alpha: float = 0.5, *, base: IndexResampler | None = None) -> Soft:
         base: index resampler drawing from the mixture; default `multinomial()`.
 
     Raises:
+        TypeError: `alpha` is not a number, or `base` is not an index resampler.
         ValueError: `alpha` outside $(0, 1]$.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise TypeError(f"alpha must be a number in (0, 1], got {alpha!r}.")
-    if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"alpha must lie in (0, 1], got {alpha!r}.")
+    alpha = check_fraction("alpha", alpha, include_zero=False)
     base = multinomial() if base is None else base
-    if not isinstance(base, IndexResampler):
-        raise TypeError(f"soft(base=...) needs an index resampler; got {base!r}.")
-    return Soft(float(alpha), base)
+    check_kind(base, IndexResampler, "soft(base=...) needs an index resampler")
+    return Soft(alpha, base)

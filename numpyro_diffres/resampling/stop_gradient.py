@@ -15,6 +15,7 @@ import math
 import jax
 
 from numpyro_diffres._typing import Array, PRNGKey
+from numpyro_diffres._validation import check_kind
 from numpyro_diffres.resampling.base import prepare
 from numpyro_diffres.resampling.index import IndexResampler, systematic
 
@@ -47,9 +48,10 @@ def stop_gradient(base: IndexResampler | None = None) -> StopGradient:
         TypeError: `base` is not an index resampler (multinomial, systematic or stratified).
     """
     base = systematic() if base is None else base
-    if not isinstance(base, IndexResampler):
-        raise TypeError(
-            "stop_gradient(base) needs an index resampler such as systematic(), multinomial() "
-            f"or stratified(); got {base!r}."
-        )
+    check_kind(
+        base,
+        IndexResampler,
+        "stop_gradient(base) needs an index resampler such as systematic(), multinomial() "
+        "or stratified()",
+    )
     return StopGradient(base)

@@ -1,6 +1,6 @@
 """Bad input: wrong shapes and hyperparameters raise; degenerate clouds give finite output.
 
-Documented behaviour (numpyro_diffres.resampling.base.prepare, weights.log_normalize):
+Documented behaviour (numpyro_diffres.resampling.base.prepare, _log_density.log_normalize):
 particles with a non-finite coordinate get zero weight; when no log-weight is finite (all
 $-\\infty$ or NaN) the weights are uniform; a collapsed cloud maps to its single point.
 """
