@@ -29,9 +29,8 @@ from numpyro.distributions import Distribution
 
 from numpyro_diffres._typing import Array
 from numpyro_diffres.filtering import FilterResult, _info_series, _series_log_prob
-from numpyro_diffres.guards import fill_missing, guard, safe_log_prob
+from numpyro_diffres._log_density import fill_missing, guard, log_normalize, safe_log_prob
 from numpyro_diffres.ssm import StateSpaceModel
-from numpyro_diffres.weights import log_normalize
 
 __all__ = [
     "FilterNoise",
