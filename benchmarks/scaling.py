@@ -55,10 +55,10 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.infer import MCMC, NUTS
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OBSERVATION_VARIANCE, gaussian_example, posterior_mean  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
 import numpyro_diffres as ndr  # noqa: E402
+from benchmarks._common import OBSERVATION_VARIANCE, gaussian_example, posterior_mean  # noqa: E402
+from benchmarks.models import ar1, ar1_params  # noqa: E402
 from numpyro_diffres.resampling.attention import block_size  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "scaling.json"
@@ -84,14 +84,6 @@ SD_TOLERANCE = 0.3
 SINGLE_CALL_SECONDS = 2.0
 
 
-def _ar1(phi, q, r):
-    return ndr.StateSpaceModel(
-        initial=dist.Normal(0.0, q / jnp.sqrt(1.0 - phi**2)),
-        transition=lambda x, t: dist.Normal(phi * x, q),
-        emission=lambda x, t: dist.Normal(x, r),
-    )
-
-
 def _priors():
     phi = numpyro.sample("phi", dist.Uniform(-0.98, 0.98))
     q = numpyro.sample("q", dist.LogNormal(jnp.log(0.5), 0.5))
@@ -103,7 +95,7 @@ def _particle_model(observations, num_particles, num_steps, particle_dtype=None)
     phi, q, r = _priors()
     ndr.particle_factor(
         "y",
-        _ar1(phi, q, r),
+        ar1(phi, q, r),
         observations,
         num_particles=num_particles,
         resampler=ndr.resampling.diffusion(num_steps=num_steps),
@@ -113,21 +105,13 @@ def _particle_model(observations, num_particles, num_steps, particle_dtype=None)
 
 def _exact_model(observations):
     phi, q, r = _priors()
-    one = jnp.eye(1, dtype=observations.dtype)
-    params = ndr.LinearGaussianParams(
-        jnp.zeros(1, observations.dtype),
-        (q**2 / (1.0 - phi**2)) * one,
-        phi * one,
-        q**2 * one,
-        one,
-        r**2 * one,
-    )
+    params = ar1_params(phi, q, r, dtype=observations.dtype)
     numpyro.factor("y", ndr.kalman_log_likelihood(params, observations[:, None]))
 
 
 def _ar1_observations(num_time_steps):
     with jax.enable_x64(True):
-        _, observations = ndr.simulate(jax.random.PRNGKey(0), _ar1(**TRUE), num_time_steps)
+        _, observations = ndr.simulate(jax.random.PRNGKey(0), ar1(**TRUE), num_time_steps)
     return np.asarray(observations)
 
 
@@ -504,12 +488,12 @@ def precision_section(args):
     n_ar1, k_ar1 = args.precision_ar1
     n_lg = args.precision_linear_gaussian_particles
 
-    def ar1(dtype, filter_dtype):
+    def ar1_case(dtype, filter_dtype):
         data = jnp.asarray(observations, dtype)
         resampler = ndr.resampling.diffusion(num_steps=k_ar1)
 
         def log_likelihood(key, scale):
-            model = _ar1(scale * TRUE["phi"], *(jnp.asarray(TRUE[k], dtype) for k in ("q", "r")))
+            model = ar1(scale * TRUE["phi"], *(jnp.asarray(TRUE[k], dtype) for k in ("q", "r")))
             return ndr.particle_filter(
                 key,
                 model,
@@ -529,7 +513,7 @@ def precision_section(args):
 
     models = {
         f"AR(1) of `nuts` at the true parameters, T={args.num_time_steps}, N={n_ar1}, "
-        f"K={k_ar1}": ar1,
+        f"K={k_ar1}": ar1_case,
         f"linear-Gaussian of `gradient`, d=4, T={args.gradient_time_steps}, N={n_lg}, K=8, "
         "phi=0.5": linear_gaussian,
     }
