@@ -48,8 +48,12 @@ lint: $(VENV)/.installed-test
 docs: $(VENV)/.installed-test
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
+# `make bench` runs every benchmark (hours: each rewrites its committed table); `make bench
+# NAME=resampling` one of them, `ARGS=--quick` a smoke run. `python -m benchmarks --list`.
+NAME ?= --all
+ARGS ?=
 bench: $(VENV)/.installed-test
-	$(PY) benchmarks/resampling.py
+	$(PY) -m benchmarks $(NAME) $(ARGS)
 
 clean:
 	rm -rf $(VENV) site out .pytest_cache

@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cost.json"
 TRUE = (0.8, 0.5, 0.5)
@@ -79,17 +79,9 @@ COMPILER_PARTICLES = 64
 
 def ar1(theta):
     """The AR(1)-plus-noise model at `theta = (phi, q, r)` (imports after the x64 switch)."""
-    import jax.numpy as jnp
-    import numpyro.distributions as dist
+    from benchmarks import models
 
-    import numpyro_diffres as ndr
-
-    phi, q, r = theta[0], theta[1], theta[2]
-    return ndr.StateSpaceModel(
-        initial=dist.Normal(0.0, q / jnp.sqrt(1.0 - phi**2)),
-        transition=lambda x, t: dist.Normal(phi * x, q),
-        emission=lambda x, t: dist.Normal(x, r),
-    )
+    return models.ar1(theta[0], theta[1], theta[2])
 
 
 def parse_arguments(argv=None):
@@ -149,9 +141,9 @@ def measure(args) -> list[dict]:
 
     jax.config.update("jax_enable_x64", args.x64)
     import jax.numpy as jnp
-    from _common import time_call
 
     import numpyro_diffres as ndr
+    from benchmarks._common import time_call
 
     theta = jnp.asarray(TRUE)
     _, observations = ndr.simulate(jax.random.PRNGKey(0), ar1(theta), args.num_time_steps)
@@ -262,9 +254,9 @@ def long_series(args) -> list[dict]:
 
     jax.config.update("jax_enable_x64", args.x64)
     import jax.numpy as jnp
-    from _common import time_call
 
     import numpyro_diffres as ndr
+    from benchmarks._common import time_call
 
     theta = jnp.asarray(TRUE)
 
@@ -400,7 +392,7 @@ def _range(bounds) -> str:
 
 
 def render(report) -> str:
-    from _common import load_line, markdown_table
+    from benchmarks._common import load_line, markdown_table
 
     meta = report["meta"]
     rows = report["rows"]
@@ -517,7 +509,7 @@ def main(argv=None):
         rows = measure(args)
         args.out.write_text(json.dumps(rows))
         return rows
-    from _common import finish_metadata, run_metadata, write_report
+    from benchmarks._common import finish_metadata, run_metadata, write_report
 
     if args.add_compiler_settings:
         report = json.loads(args.out.read_text())

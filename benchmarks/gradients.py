@@ -47,8 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
+import numpyro_diffres as ndr  # noqa: E402
+from benchmarks._common import (  # noqa: E402
     format_number,
     load_line,
     markdown_table,
@@ -56,8 +57,6 @@ from _common import (  # noqa: E402
     time_call,
     write_report,
 )
-
-import numpyro_diffres as ndr  # noqa: E402
 from numpyro_diffres import resampling  # noqa: E402
 
 __all__ = ["MODELS", "main", "resampler_rows", "setting_rows"]

@@ -32,10 +32,10 @@ import numpyro.distributions as dist  # noqa: E402
 import scipy.stats  # noqa: E402
 from numpyro.infer import MCMC, NUTS, Predictive  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_line, markdown_table, run_metadata, time_call, write_report  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
 import numpyro_diffres as ndr  # noqa: E402
+from benchmarks._common import load_line, markdown_table, run_metadata, time_call, write_report  # noqa: E402
+from benchmarks.models import ar1  # noqa: E402
 from numpyro_diffres import resampling  # noqa: E402
 from numpyro_diffres.primitives import sample_latent_paths  # noqa: E402
 from numpyro_diffres.smoothing import particle_smoother  # noqa: E402
@@ -74,14 +74,6 @@ QUICK = {
     # No untimed sampling run before the timed one (the quick timings are not reported).
     "untimed_sampling_run": False,
 }
-
-
-def ar1(phi, q, r):
-    return ndr.StateSpaceModel(
-        initial=dist.Normal(0.0, q / jnp.sqrt(1.0 - phi**2)),
-        transition=lambda x, t: dist.Normal(phi * x, q),
-        emission=lambda x, t: dist.Normal(x, r),
-    )
 
 
 def make_model(config):

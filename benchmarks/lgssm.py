@@ -63,16 +63,18 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro.distributions as dist
 import optax
 
 import numpyro_diffres as ndr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
+from benchmarks.models import LGSSM_EMISSION_VARIANCE, lgssm, lgssm_params  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "lgssm.json"
 
 TRUE_THETA = (0.5, 1.0)
 START_OFFSET = 1.0
-EMISSION_VARIANCE = 0.5
+EMISSION_VARIANCE = LGSSM_EMISSION_VARIANCE
 NUM_OBSERVATIONS = 128
 NUM_PARTICLES = 32
 GRID_BOUNDS = ((0.4, 0.6), (0.9, 1.1))
@@ -179,34 +181,6 @@ def build_methods(quick: bool) -> list[Method]:
     return methods
 
 
-def linear_gaussian_params(theta) -> ndr.LinearGaussianParams:
-    """The benchmark's matrices at `theta = (theta_1, theta_2)`, state and observation `(1,)`."""
-    theta = jnp.asarray(theta)
-    eye = jnp.eye(1, dtype=theta.dtype)
-    return ndr.LinearGaussianParams(
-        jnp.zeros(1, theta.dtype),
-        eye,
-        theta[0] * eye,
-        eye,
-        theta[1] * eye,
-        EMISSION_VARIANCE * eye,
-    )
-
-
-def scalar_model(theta) -> ndr.StateSpaceModel:
-    """The same model as `ndr.linear_gaussian(linear_gaussian_params(theta))`, with `Normal`.
-
-    Univariate normals avoid the 1x1 Cholesky factors of the multivariate normals; `main`
-    asserts that both give the same estimate for one key.
-    """
-    emission_scale = math.sqrt(EMISSION_VARIANCE)
-    return ndr.StateSpaceModel(
-        initial=dist.Normal(jnp.zeros(1, jnp.asarray(theta).dtype), 1.0).to_event(1),
-        transition=lambda x, t: dist.Normal(theta[0] * x, 1.0).to_event(1),
-        emission=lambda x, t: dist.Normal(theta[1] * x, emission_scale).to_event(1),
-    )
-
-
 def grid_points(size: int) -> np.ndarray:
     """The `(size**2, 2)` grid on `GRID_BOUNDS`, theta_2 varying fastest."""
     (low_1, high_1), (low_2, high_2) = GRID_BOUNDS
@@ -287,7 +261,7 @@ def method_functions(method: Method, options: argparse.Namespace) -> dict[str, C
     def run_filter(key, theta, observations):
         return ndr.particle_filter(
             key,
-            scalar_model(theta),
+            lgssm(theta),
             observations,
             num_particles=options.num_particles,
             resampler=method.resampler,
@@ -341,14 +315,14 @@ def exact_functions(options: argparse.Namespace) -> dict[str, Callable]:
     """Jit-compiled Kalman surface, filtering moments and exact MLE."""
 
     def log_likelihood(theta, observations):
-        return ndr.kalman_log_likelihood(linear_gaussian_params(theta), observations)
+        return ndr.kalman_log_likelihood(lgssm_params(theta), observations)
 
     def surface(observations, points):
         return jax.vmap(lambda theta: log_likelihood(theta, observations))(points)
 
     def moments(observations):
         means, covariances = ndr.kalman_filtered_moments(
-            linear_gaussian_params(jnp.asarray(TRUE_THETA)), observations
+            lgssm_params(jnp.asarray(TRUE_THETA)), observations
         )
         return means[:, 0], covariances[:, 0, 0]
 
@@ -366,7 +340,7 @@ def exact_functions(options: argparse.Namespace) -> dict[str, Callable]:
 @jax.jit
 def simulate_dataset(key) -> jax.Array:
     """Observations `(T, 1)` simulated at the true theta."""
-    model = ndr.linear_gaussian(linear_gaussian_params(jnp.asarray(TRUE_THETA)))
+    model = ndr.linear_gaussian(lgssm_params(jnp.asarray(TRUE_THETA)))
     _, observations = ndr.simulate(key, model, NUM_OBSERVATIONS)
     return observations
 
@@ -392,7 +366,7 @@ def normalisation_check(key, observations, exact: float, quick: bool) -> list[di
             jax.vmap(
                 lambda k, n=num_particles, r=resampler: (
                     ndr.particle_filter(
-                        k, scalar_model(theta), observations, num_particles=n, resampler=r
+                        k, lgssm(theta), observations, num_particles=n, resampler=r
                     ).log_likelihood
                 )
             )
@@ -426,7 +400,7 @@ def check_scalar_model(key, observations) -> float:
                 num_particles=NUM_PARTICLES,
                 resampler=ndr.resampling.diffusion(),
             ).log_likelihood
-            for model in (scalar_model(theta), ndr.linear_gaussian(linear_gaussian_params(theta)))
+            for model in (lgssm(theta), ndr.linear_gaussian(lgssm_params(theta)))
         ]
 
     scalar, reference = (float(value) for value in both(key, observations))
@@ -905,9 +879,7 @@ def main(argv: list[str] | None = None) -> dict:
     first_observations, first_key = datasets[0]
     scalar_difference = check_scalar_model(first_key, first_observations)
     exact_at_truth = float(
-        ndr.kalman_log_likelihood(
-            linear_gaussian_params(jnp.asarray(TRUE_THETA)), first_observations
-        )
+        ndr.kalman_log_likelihood(lgssm_params(jnp.asarray(TRUE_THETA)), first_observations)
     )
     normalisation = normalisation_check(
         jax.random.fold_in(first_key, 1), first_observations, exact_at_truth, options.quick

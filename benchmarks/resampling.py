@@ -43,15 +43,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
+import numpyro_diffres as ndr  # noqa: E402
+from benchmarks._common import (  # noqa: E402
     OBSERVATION,
     OBSERVATION_VARIANCE,
     gaussian_example,
     posterior_mean,
 )
-
-import numpyro_diffres as ndr  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "resampling.json"
 

@@ -52,12 +52,16 @@ from numpyro.infer.initialization import init_to_value
 import numpyro_diffres as ndr
 from numpyro_diffres import diagnostics, resampling
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
+from benchmarks.models import (  # noqa: E402
     GROWTH_PRIOR_SCALE,
     GROWTH_TRUE_SV,
+    ar1,
+    ar1_params,
     growth,
+    growth_factor_model,
     growth_observations,
+    stochastic_volatility,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,30 +71,21 @@ TRUE_SV = GROWTH_TRUE_SV
 PRIOR_SCALE = GROWTH_PRIOR_SCALE
 
 
-def ar1(phi):
-    """AR(1) plus noise: x_t = phi x + N(0, 0.5^2), y_t = x_t + N(0, 0.5^2)."""
-    return ndr.StateSpaceModel(
-        dist.Normal(0.0, 1.0),
-        lambda x, t: dist.Normal(phi * x, 0.5),
-        lambda x, t: dist.Normal(x, 0.5),
-    )
+def ar1_model(phi):
+    """AR(1) plus noise: x_0 ~ N(0, 1), x_t = phi x + N(0, 0.5^2), y_t = x_t + N(0, 0.5^2)."""
+    return ar1(phi, 0.5, 0.5, initial_scale=1.0)
 
 
 def ar1_exact(phi, observations):
-    """Exact log-likelihood of `ar1(phi)` by the Kalman filter."""
-    eye = jnp.eye(1)
-    params = ndr.LinearGaussianParams(jnp.zeros(1), eye, phi * eye, 0.25 * eye, eye, 0.25 * eye)
-    return ndr.kalman_log_likelihood(params, observations[:, None])
+    """Exact log-likelihood of `ar1_model(phi)` by the Kalman filter."""
+    return ndr.kalman_log_likelihood(
+        ar1_params(phi, 0.5, 0.5, initial_scale=1.0), observations[:, None]
+    )
 
 
 def volatility(sigma):
     """Stochastic volatility with mu = -1, phi = 0.95; the parameter is sigma."""
-    mu, phi = -1.0, 0.95
-    return ndr.StateSpaceModel(
-        dist.Normal(mu, sigma / jnp.sqrt(1.0 - phi**2)),
-        lambda x, t: dist.Normal(mu + phi * (x - mu), sigma),
-        lambda x, t: dist.Normal(0.0, jnp.exp(x / 2.0)),
-    )
+    return stochastic_volatility(-1.0, 0.95, sigma)
 
 
 def log_likelihood(key, model, observations, num_particles, resampler, ess_threshold=1.0):
@@ -215,17 +210,13 @@ def growth_configs(num_particles, quick):
 
 def growth_nuts(observations, num_particles, config, warmup, samples, max_tree_depth, key):
     """NUTS on sv with `particle_factor` and an explicit filter key; returns a summary."""
-
-    def model():
-        sv = numpyro.sample("sv", dist.HalfNormal(PRIOR_SCALE))
-        ndr.particle_factor(
-            "y",
-            growth(sv, config["guided"]),
-            observations,
-            num_particles=num_particles,
-            resampler=config["resampler"],
-            key=key,
-        )
+    model = growth_factor_model(
+        observations,
+        num_particles=num_particles,
+        resampler=config["resampler"],
+        guided=config["guided"],
+        key=key,
+    )
 
     kernel = NUTS(
         model, max_tree_depth=max_tree_depth, init_strategy=init_to_value(values={"sv": 3.0})
@@ -254,16 +245,12 @@ def growth_nuts(observations, num_particles, config, warmup, samples, max_tree_d
 
 def growth_svi(observations, num_particles, config, steps):
     """SVI (AutoDelta, Adam 0.05, a fresh filter key per step) from sv = 2; final sv."""
-
-    def model():
-        sv = numpyro.sample("sv", dist.HalfNormal(PRIOR_SCALE))
-        ndr.particle_factor(
-            "y",
-            growth(sv, config["guided"]),
-            observations,
-            num_particles=num_particles,
-            resampler=config["resampler"],
-        )
+    model = growth_factor_model(
+        observations,
+        num_particles=num_particles,
+        resampler=config["resampler"],
+        guided=config["guided"],
+    )
 
     guide = AutoDelta(model, init_loc_fn=init_to_value(values={"sv": 2.0}))
     svi = SVI(model, guide, optax.adam(0.05), Trace_ELBO())
@@ -571,7 +558,7 @@ def main(argv=None):
     other_particles, other_keys = 128, 4
     if not quick:
         ar_grid = jnp.linspace(0.6, 0.95, 11)
-        _, ar_observations = ndr.simulate(jax.random.PRNGKey(4), ar1(0.8), num_steps)
+        _, ar_observations = ndr.simulate(jax.random.PRNGKey(4), ar1_model(0.8), num_steps)
         ar_slope = np.asarray(
             jax.vmap(jax.grad(lambda p: ar1_exact(p, ar_observations)))(ar_grid), np.float64
         )
@@ -583,7 +570,7 @@ def main(argv=None):
         sv_slope = smooth_slope(sv_grid, sv_reference, degree=4)
         others = other_model(
             "AR(1) + noise (phi)",
-            ar1,
+            ar1_model,
             ar_observations,
             ar_grid,
             ar_slope,

@@ -1,6 +1,6 @@
 """Many series in one model: `particle_factor` under `numpyro.plate("series", S)`.
 
-The hierarchical AR(1)-plus-noise model of `tests/numpyro/test_plate.py`: S series with a
+The hierarchical AR(1)-plus-noise model of `benchmarks/models.py` (`series_*`): S series with a
 shared coefficient `phi` and emission scale `exp(log_r)`, series-level process-noise scales
 `q_s = exp(mu + tau z_s)` (non-centred partial pooling), guided (locally optimal) proposal,
 diffusion resampling with K = 4, float32 particles. Measured, by the shared protocol of
@@ -28,17 +28,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.diagnostics import effective_sample_size
 from numpyro.infer import MCMC, NUTS, init_to_value
 from numpyro.infer.util import log_density, potential_energy
 
-import numpyro_diffres as ndr
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
+from benchmarks._common import (  # noqa: E402
     finish_metadata,
     load_line,
     markdown_table,
@@ -46,75 +42,14 @@ from _common import (  # noqa: E402
     time_call,
     write_report,
 )
+from benchmarks.models import SERIES_GLOBALS as GLOBALS  # noqa: E402
+from benchmarks.models import series_exact_model as exact_model  # noqa: E402
+from benchmarks.models import (  # noqa: E402
+    series_particle_model as particle_model,  # guided, diffusion(num_steps=4), float32
+)
+from benchmarks.models import simulate_series  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "series.json"
-TRUE = {"phi": 0.8, "log_r": math.log(0.5), "mu": math.log(0.7), "tau": 0.3}
-GLOBALS = tuple(TRUE)
-
-
-def simulate_series(num_series: int, num_steps: int, seed: int = 0) -> np.ndarray:
-    """Observations `(S, T)` of the hierarchical model at `TRUE`."""
-    rng = np.random.default_rng(seed)
-    q = np.exp(TRUE["mu"] + TRUE["tau"] * rng.standard_normal(num_series))
-    x = rng.standard_normal(num_series)
-    rows = []
-    for t in range(num_steps):
-        if t:
-            x = TRUE["phi"] * x + q * rng.standard_normal(num_series)
-        rows.append(x + math.exp(TRUE["log_r"]) * rng.standard_normal(num_series))
-    return np.stack(rows, axis=1)
-
-
-def global_priors():
-    """The four shared parameters."""
-    phi = numpyro.sample("phi", dist.Uniform(-1.0, 1.0))
-    log_r = numpyro.sample("log_r", dist.Normal(TRUE["log_r"], 0.5))
-    mu = numpyro.sample("mu", dist.Normal(TRUE["mu"], 0.5))
-    tau = numpyro.sample("tau", dist.HalfNormal(0.5))
-    return phi, log_r, mu, tau
-
-
-def particle_model(observations, num_particles: int):
-    """The hierarchical model with one batched particle filter for all series."""
-    phi, log_r, mu, tau = global_priors()
-    r = jnp.exp(log_r)
-    with numpyro.plate("series", observations.shape[0]):
-        z = numpyro.sample("z", dist.Normal())
-        q = jnp.exp(mu + tau * z)
-        variance = 1.0 / (1.0 / q**2 + 1.0 / r**2)
-        model = ndr.StateSpaceModel(
-            initial=dist.Normal(0.0, 1.0),
-            transition=lambda x, t: dist.Normal(phi * x, q),
-            emission=lambda x, t: dist.Normal(x, r),
-            proposal=lambda x, t, y: dist.Normal(
-                variance * (phi * x / q**2 + y / r**2), jnp.sqrt(variance)
-            ),
-        )
-        ndr.particle_factor(
-            "y",
-            model,
-            observations,
-            num_particles=num_particles,
-            resampler=ndr.resampling.diffusion(num_steps=4),
-            dtype=jnp.float32,
-        )
-
-
-def exact_model(observations):
-    """The same model with the exact per-series Kalman log-likelihoods."""
-    phi, log_r, mu, tau = global_priors()
-    with numpyro.plate("series", observations.shape[0]):
-        z = numpyro.sample("z", dist.Normal())
-        q = jnp.exp(mu + tau * z)
-        eye = jnp.eye(1)
-
-        def one(q_s, y_s):
-            params = ndr.LinearGaussianParams(
-                jnp.zeros(1), eye, phi * eye, q_s**2 * eye, eye, jnp.exp(2 * log_r) * eye
-            )
-            return ndr.kalman_log_likelihood(params, y_s[:, None])
-
-        numpyro.factor("y", jax.vmap(one)(q, observations))
 
 
 def potential_timing(num_series: int, num_steps: int, num_particles: int) -> dict:

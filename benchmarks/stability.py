@@ -51,17 +51,11 @@ from numpyro.infer import MCMC, NUTS
 
 import numpyro_diffres as ndr
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
+from benchmarks.models import stochastic_volatility  # noqa: E402
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "stability.json"
 TRUE = {"mu": -1.0, "phi": 0.95, "sigma": 0.25}
-
-
-def volatility(mu, phi, sigma):
-    """The stochastic-volatility `StateSpaceModel`."""
-    return ndr.StateSpaceModel(
-        dist.Normal(mu, sigma / jnp.sqrt(1.0 - phi**2)),
-        lambda x, t: dist.Normal(mu + phi * (x - mu), sigma),
-        lambda x, t: dist.Normal(0.0, jnp.exp(x / 2.0)),
-    )
 
 
 def model(observations, num_particles):
@@ -70,7 +64,9 @@ def model(observations, num_particles):
     phi = 2.0 * numpyro.sample("phi_unit", dist.Beta(20.0, 1.5)) - 1.0
     numpyro.deterministic("phi", phi)
     sigma = numpyro.sample("sigma", dist.HalfNormal(0.5))
-    ndr.particle_factor("y", volatility(mu, phi, sigma), observations, num_particles=num_particles)
+    ndr.particle_factor(
+        "y", stochastic_volatility(mu, phi, sigma), observations, num_particles=num_particles
+    )
 
 
 def peak_rss_mb():
@@ -148,7 +144,7 @@ def main(argv=None):
     numpyro.set_host_device_count(args.chains)
 
     _, observations = ndr.simulate(
-        jax.random.PRNGKey(args.seed), volatility(**TRUE), args.num_steps
+        jax.random.PRNGKey(args.seed), stochastic_volatility(**TRUE), args.num_steps
     )
     mcmc = MCMC(
         NUTS(model),

@@ -41,10 +41,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
 from numpyro import handlers
-from numpyro.contrib.control_flow import scan
 from numpyro.diagnostics import effective_sample_size
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import log_density
@@ -53,15 +50,20 @@ import numpyro_diffres as ndr
 from numpyro_diffres import resampling
 from numpyro_diffres.marginalize import marginalize
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
+from benchmarks._common import (  # noqa: E402
     load_average,
     load_line,
     markdown_table,
     run_metadata,
     write_report,
 )
-from _models import GROWTH_PRIOR_SCALE, growth_mean, growth_observations  # noqa: E402
+from benchmarks.models import (  # noqa: E402
+    growth_latent_model,
+    growth_observations,
+    stochastic_volatility,
+    sv_latent_model,
+)
 
 STATICS = ("mu", "phi", "sigma")
 TRUE = {"mu": -1.0, "phi": 0.9, "sigma": 0.4}
@@ -71,53 +73,13 @@ MODELS = ("sv", "growth", "rule")
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "from_numpyro.png"
 
 
-def stochastic_volatility(returns):
-    """Stochastic volatility as an ordinary NumPyro program (non-centred latent path)."""
-    mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
-    phi = numpyro.sample(
-        "phi",
-        dist.TransformedDistribution(
-            dist.Beta(10.0, 1.5),
-            dist.transforms.AffineTransform(-1.0, 2.0, domain=dist.constraints.unit_interval),
-        ),
-    )
-    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
-    z0 = numpyro.sample("z0", dist.Normal(0.0, 1.0))
-    x0 = mu + sigma / jnp.sqrt(1.0 - phi**2) * z0
-    numpyro.sample("r0", dist.Normal(0.0, jnp.exp(x0 / 2.0)), obs=returns[0])
-
-    def step(x, r):
-        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
-        x = mu + phi * (x - mu) + sigma * z
-        numpyro.sample("r", dist.Normal(0.0, jnp.exp(x / 2.0)), obs=r)
-        return x, None
-
-    scan(step, x0, returns[1:])
+# One NumPyro program, fitted both ways (statics, then a non-centred latent path).
+sv_program = sv_latent_model()
 
 
 def simulate_returns(num_steps: int, seed: int):
-    mu, phi, sigma = TRUE["mu"], TRUE["phi"], TRUE["sigma"]
-    model = ndr.StateSpaceModel(
-        initial=dist.Normal(mu, sigma / jnp.sqrt(1.0 - phi**2)),
-        transition=lambda x, t: dist.Normal(mu + phi * (x - mu), sigma),
-        emission=lambda x, t: dist.Normal(0.0, jnp.exp(x / 2.0)),
-    )
+    model = stochastic_volatility(TRUE["mu"], TRUE["phi"], TRUE["sigma"])
     return ndr.simulate(jax.random.PRNGKey(seed), model, num_steps)[1]
-
-
-def growth_program(y):
-    """The nonlinear growth model as an ordinary NumPyro program (centred latent path)."""
-    sv = numpyro.sample("sv", dist.HalfNormal(GROWTH_PRIOR_SCALE))
-    x0 = numpyro.sample("x0", dist.Normal(0.0, jnp.sqrt(5.0)))
-    numpyro.sample("y0", dist.Normal(x0**2 / 20.0, 1.0), obs=y[0])
-
-    def step(x, inputs):
-        t, y_t = inputs
-        x = numpyro.sample("x", dist.Normal(growth_mean(x, t), sv))
-        numpyro.sample("y", dist.Normal(x**2 / 20.0, 1.0), obs=y_t)
-        return x, None
-
-    scan(step, x0, (jnp.arange(1, y.shape[0]), y[1:]))
 
 
 def fit(model, returns, *, num_warmup, num_samples, seed, statics=STATICS):
@@ -173,14 +135,14 @@ def log_likelihood_sd(model, returns, point, num_particles, num_keys=8):
 def run_case(num_steps, settings, seed):
     returns = simulate_returns(num_steps, seed)
     latent, latent_samples = fit(
-        stochastic_volatility,
+        sv_program,
         returns,
         num_warmup=settings["latent_warmup"],
         num_samples=settings["latent_samples"],
         seed=seed + 1,
     )
     marginal, marginal_samples = fit(
-        marginalize(stochastic_volatility, num_particles=settings["num_particles"]),
+        marginalize(sv_program, num_particles=settings["num_particles"]),
         returns,
         num_warmup=settings["marginal_warmup"],
         num_samples=settings["marginal_samples"],
@@ -198,7 +160,7 @@ def run_case(num_steps, settings, seed):
         "num_steps": num_steps,
         "num_particles": settings["num_particles"],
         "log_likelihood_sd": log_likelihood_sd(
-            stochastic_volatility, returns, latent["mean"], settings["num_particles"]
+            sv_program, returns, latent["mean"], settings["num_particles"]
         ),
         "latent_nuts": latent,
         "marginalize_nuts": marginal,
@@ -220,7 +182,7 @@ def rule_for_n(case, settings):
     values = {name: jnp.asarray(point[name], jnp.float32) for name in STATICS}
     choice = ndr.diagnostics.choose_marginal_num_particles(
         jax.random.PRNGKey(0),
-        stochastic_volatility,
+        sv_program,
         values,
         model_args=(returns,),
         initial=case["num_particles"],
@@ -228,7 +190,7 @@ def rule_for_n(case, settings):
         num_keys=8,
     )
     print(f"rule, T={case['num_steps']}: {choice}", flush=True)
-    marginal = marginalize(stochastic_volatility, num_particles=choice.num_particles)
+    marginal = marginalize(sv_program, num_particles=choice.num_particles)
 
     @jax.jit
     def value_and_grad(values):
@@ -326,7 +288,7 @@ def run_growth(settings, seed):
     observations = growth_observations(settings["growth_steps"])
     marginal, _ = fit(
         marginalize(
-            growth_program,
+            growth_latent_model,
             num_particles=settings["growth_particles"],
             resampler=resampling.gradient_decay(resampling.diffusion(), 0.0),
         ),
@@ -338,7 +300,7 @@ def run_growth(settings, seed):
     )
     print("growth, marginalize + NUTS:", marginal, flush=True)
     latent, _ = fit(
-        growth_program,
+        growth_latent_model,
         observations,
         num_warmup=settings["marginal_warmup_growth"],
         num_samples=settings["marginal_samples_growth"],

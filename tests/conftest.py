@@ -76,7 +76,7 @@ def compile_fast_env():
 
 @pytest.fixture
 def quick_benchmark(tmp_path, compile_fast_env):
-    """Run `benchmarks/<name>.py --quick` and return its JSON report and markdown table.
+    """Run `python -m benchmarks <name> --quick` and return its JSON report and markdown table.
 
     A subprocess, since the scripts may turn on float64 globally, which must not leak into
     other tests.
@@ -85,7 +85,8 @@ def quick_benchmark(tmp_path, compile_fast_env):
     def run(name, timeout=300):
         out = tmp_path / f"{name}.json"
         completed = subprocess.run(
-            [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--out", str(out)],
+            [sys.executable, "-m", "benchmarks", name, "--quick", "--out", str(out)],
+            cwd=ROOT,
             capture_output=True,
             text=True,
             timeout=timeout,

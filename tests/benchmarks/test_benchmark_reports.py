@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-SCRIPTS = ["series", "latent_paths", "versus_latent_nuts", "cost", "code_maps"]
+SCRIPTS = ["series", "latent_paths", "versus_latent_nuts", "cost"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

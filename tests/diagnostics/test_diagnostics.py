@@ -7,6 +7,7 @@ import numpyro.distributions as dist
 import pytest
 
 import numpyro_diffres as ndr
+from benchmarks import models
 from numpyro_diffres import diagnostics, resampling
 
 NUM_STEPS = 30
@@ -14,20 +15,11 @@ SETTINGS = {"num_particles": 64, "num_points": 10, "num_keys": 8}
 
 
 def growth(params):
-    sv = params["sv"]
-    return ndr.StateSpaceModel(
-        dist.Normal(0.0, jnp.sqrt(5.0)),
-        lambda x, t: dist.Normal(x / 2 + 25 * x / (1 + x**2) + 8 * jnp.cos(1.2 * t), sv),
-        lambda x, t: dist.Normal(x**2 / 20, 1.0),
-    )
+    return models.growth(params["sv"])
 
 
 def ar1(params):
-    return ndr.StateSpaceModel(
-        dist.Normal(0.0, 1.0),
-        lambda x, t: dist.Normal(params["phi"] * x, params["sigma"]),
-        lambda x, t: dist.Normal(x, 0.5),
-    )
+    return models.ar1(params["phi"], params["sigma"], 0.5, initial_scale=1.0)
 
 
 @pytest.fixture(scope="module")

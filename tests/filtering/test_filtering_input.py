@@ -7,15 +7,12 @@ import numpyro.distributions as dist
 import pytest
 
 import numpyro_diffres as ndr
+from benchmarks import models
 from numpyro_diffres import resampling
 
 
 def ar1(phi=0.8, q=0.5, r=0.5):
-    return ndr.StateSpaceModel(
-        dist.Normal(0.0, 1.0),
-        lambda x, t: dist.Normal(phi * x, q),
-        lambda x, t: dist.Normal(x, r),
-    )
+    return models.ar1(phi, q, r, initial_scale=1.0)
 
 
 OBSERVATIONS = jnp.sin(jnp.arange(12.0) / 3.0)

@@ -22,6 +22,7 @@ import pytest
 import scipy.stats
 
 import numpyro_diffres as ndr
+from benchmarks.models import stochastic_volatility as sv_model
 from numpyro_diffres import resampling
 from numpyro_diffres.smoothing import forecast, particle_smoother
 
@@ -334,14 +335,6 @@ def test_forecast_matches_the_kalman_predictive(lg_data):
 # --- nonlinear: stochastic volatility against grid forward-backward -----------------------------
 
 SV = {"mu": -1.0, "phi": 0.9, "sigma": 0.5}
-
-
-def sv_model(mu, phi, sigma):
-    return ndr.StateSpaceModel(
-        initial=dist.Normal(mu, sigma / jnp.sqrt(1.0 - phi**2)),
-        transition=lambda x, t: dist.Normal(mu + phi * (x - mu), sigma),
-        emission=lambda x, t: dist.Normal(0.0, jnp.exp(x / 2.0)),
-    )
 
 
 def grid_smoother(observations, mu, phi, sigma, points=1201):

@@ -19,31 +19,13 @@ from numpyro.infer import MCMC, NUTS, Predictive
 from numpyro.infer.util import potential_energy
 
 import numpyro_diffres as ndr
+from benchmarks.models import ar1, ar1_params
 from numpyro_diffres import resampling
 from numpyro_diffres.primitives import sample_latent_paths
 
 T = 30
 HORIZON = 5
 TRUE = {"phi": 0.8, "q": 0.6, "r": 0.5}
-
-
-def ar1(phi, q, r):
-    return ndr.StateSpaceModel(
-        initial=dist.Normal(0.0, q / jnp.sqrt(1.0 - phi**2)),
-        transition=lambda x, t: dist.Normal(phi * x, q),
-        emission=lambda x, t: dist.Normal(x, r),
-    )
-
-
-def ar1_params(phi, q, r):
-    return ndr.LinearGaussianParams(
-        jnp.zeros(1),
-        (q**2 / (1 - phi**2)) * jnp.eye(1),
-        phi * jnp.eye(1),
-        q**2 * jnp.eye(1),
-        jnp.eye(1),
-        r**2 * jnp.eye(1),
-    )
 
 
 def priors():

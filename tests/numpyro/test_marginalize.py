@@ -14,6 +14,7 @@ from numpyro.infer import MCMC, NUTS, Predictive
 from numpyro.infer.util import log_density
 
 import numpyro_diffres as ndr
+from benchmarks.models import sv_latent_model
 from numpyro_diffres import resampling
 from numpyro_diffres.marginalize import marginalize
 
@@ -315,28 +316,8 @@ def test_bad_settings_raise():
 # ------------------------------------------------------------------ NUTS, both ways
 
 
-def stochastic_volatility(returns):
-    """One model function, fitted both ways (statics, then a non-centred latent path)."""
-    mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
-    phi = numpyro.sample(
-        "phi",
-        dist.TransformedDistribution(
-            dist.Beta(10.0, 1.5),
-            dist.transforms.AffineTransform(-1.0, 2.0, domain=dist.constraints.unit_interval),
-        ),
-    )
-    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
-    z0 = numpyro.sample("z0", dist.Normal(0.0, 1.0))
-    x0 = mu + sigma / jnp.sqrt(1.0 - phi**2) * z0
-    numpyro.sample("r0", dist.Normal(0.0, jnp.exp(x0 / 2.0)), obs=returns[0])
-
-    def body(x, r):
-        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
-        x = numpyro.deterministic("x", mu + phi * (x - mu) + sigma * z)
-        numpyro.sample("r", dist.Normal(0.0, jnp.exp(x / 2.0)), obs=r)
-        return x, None
-
-    scan(body, x0, returns[1:])
+# One model function, fitted both ways (statics, then a non-centred latent path).
+stochastic_volatility = sv_latent_model(record_path=True)
 
 
 def test_nuts_over_statics_agrees_with_nuts_over_all_latents(mcse_mean):

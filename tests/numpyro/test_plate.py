@@ -1,8 +1,8 @@
 """Many series in one model: `particle_factor` under `numpyro.plate`, the batched filter.
 
-The shared hierarchical model: S AR(1)-plus-noise series with a common coefficient `phi` and
-emission scale `exp(log_r)`, and series-level process-noise scales
-`q_s = exp(mu + tau * z_s)` (non-centred partial pooling, `z` drawn in the series plate).
+The shared hierarchical model (`benchmarks/models.py`, `series_*`): S AR(1)-plus-noise series
+with a common coefficient `phi` and emission scale `exp(log_r)`, and series-level process-noise
+scales `q_s = exp(mu + tau * z_s)` (non-centred partial pooling, `z` drawn in the series plate).
 Its exact twin puts the per-series Kalman log-likelihoods (`kalman_log_likelihood` vmapped over
 series) into the same model.
 """
@@ -19,85 +19,14 @@ from numpyro import handlers
 from numpyro.infer import MCMC, NUTS, init_to_value
 
 import numpyro_diffres as ndr
+from benchmarks.models import SERIES_GLOBALS as GLOBALS
+from benchmarks.models import SERIES_TRUE as TRUE
+from benchmarks.models import series as series_model
+from benchmarks.models import series_exact_log_likelihood as exact_series_log_likelihood
+from benchmarks.models import series_exact_model as exact_model
+from benchmarks.models import series_particle_model as particle_model
+from benchmarks.models import simulate_series
 from numpyro_diffres import resampling
-
-TRUE = {"phi": 0.8, "log_r": math.log(0.5), "mu": math.log(0.7), "tau": 0.3}
-GLOBALS = tuple(TRUE)
-
-
-def simulate_series(num_series, num_steps, seed=0):
-    """Observations `(S, T)` of the hierarchical model at `TRUE` (NumPy, float64)."""
-    rng = np.random.default_rng(seed)
-    q = np.exp(TRUE["mu"] + TRUE["tau"] * rng.standard_normal(num_series))
-    x = rng.standard_normal(num_series)
-    rows = []
-    for t in range(num_steps):
-        if t:
-            x = TRUE["phi"] * x + q * rng.standard_normal(num_series)
-        rows.append(x + math.exp(TRUE["log_r"]) * rng.standard_normal(num_series))
-    return np.stack(rows, axis=1)
-
-
-def global_priors():
-    phi = numpyro.sample("phi", dist.Uniform(-1.0, 1.0))
-    log_r = numpyro.sample("log_r", dist.Normal(TRUE["log_r"], 0.5))
-    mu = numpyro.sample("mu", dist.Normal(TRUE["mu"], 0.5))
-    tau = numpyro.sample("tau", dist.HalfNormal(0.5))
-    return phi, log_r, mu, tau
-
-
-def series_model(phi, q, r, *, guided=False):
-    """The `StateSpaceModel` of all series: `q` has shape `(S,)`, a particle is `(S,)`."""
-
-    def proposal(x, t, y):
-        # Locally optimal proposal of x_t = phi x + N(0, q^2), y_t = x_t + N(0, r^2).
-        variance = 1.0 / (1.0 / q**2 + 1.0 / r**2)
-        return dist.Normal(variance * (phi * x / q**2 + y / r**2), jnp.sqrt(variance))
-
-    return ndr.StateSpaceModel(
-        initial=dist.Normal(0.0, 1.0),
-        transition=lambda x, t: dist.Normal(phi * x, q),
-        emission=lambda x, t: dist.Normal(x, r),
-        proposal=proposal if guided else None,
-    )
-
-
-def particle_model(observations, *, num_particles=32, guided=True, resampler=None, key=None):
-    phi, log_r, mu, tau = global_priors()
-    with numpyro.plate("series", observations.shape[0]):
-        z = numpyro.sample("z", dist.Normal())
-        q = jnp.exp(mu + tau * z)
-        return ndr.particle_factor(
-            "y",
-            series_model(phi, q, jnp.exp(log_r), guided=guided),
-            observations,
-            num_particles=num_particles,
-            resampler=resampler or resampling.diffusion(num_steps=4),
-            key=key,
-            dtype=jnp.float32,
-        )
-
-
-def exact_series_log_likelihood(phi, q, log_r, observations):
-    """Per-series Kalman log-likelihoods `(S,)`; observations `(S, T)`, NaN rows missing."""
-    eye = jnp.eye(1, dtype=jnp.result_type(phi, float))
-
-    def one(q_s, y_s):
-        params = ndr.LinearGaussianParams(
-            jnp.zeros(1, eye.dtype), eye, phi * eye, q_s**2 * eye, eye, jnp.exp(2 * log_r) * eye
-        )
-        return ndr.kalman_log_likelihood(params, y_s[:, None])
-
-    return jax.vmap(one)(q, observations)
-
-
-def exact_model(observations):
-    phi, log_r, mu, tau = global_priors()
-    with numpyro.plate("series", observations.shape[0]):
-        z = numpyro.sample("z", dist.Normal())
-        q = jnp.exp(mu + tau * z)
-        numpyro.factor("y", exact_series_log_likelihood(phi, q, log_r, observations))
-
 
 # --- the batched filter against exact values --------------------------------------------------
 

@@ -4,11 +4,12 @@ Each program XLA compiles for the CPU maps its code into the process, and JAX ke
 compiled program in its caches; Linux caps a process at `vm.max_map_count` maps (65530 by
 default), and a process near the cap dies inside its next compilation. This script counts the
 lines of `/proc/self/maps` before and after compiling a number of distinct small programs and
-of distinct particle-filter gradients, and after `jax.clear_caches()`.
+of distinct particle-filter gradients, and after `jax.clear_caches()`. It measures what the
+test suite's guard against that cap relies on (`tests/conftest.py`), not the library.
 
-    python benchmarks/code_maps.py [--quick]
+    python tools/code_maps.py [--quick] [--out PATH]
 
-Writes `benchmarks/results/code_maps.{json,md}`.
+Writes `tools/results/code_maps.{json,md}`.
 """
 
 import argparse
@@ -18,15 +19,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpyro.distributions as dist
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import markdown_table, run_metadata, write_report  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
 import numpyro_diffres as ndr  # noqa: E402
+from benchmarks._common import markdown_table, run_metadata, write_report  # noqa: E402
+from benchmarks.models import ar1  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "code_maps.json"
+DEFAULT_OUT = ROOT / "tools" / "results" / "code_maps.json"
 FULL = {"small_programs": 300, "filter_programs": 20}
 QUICK = {"small_programs": 40, "filter_programs": 1}
 
@@ -47,13 +47,11 @@ def compile_filters(count: int) -> None:
     observations = jnp.sin(jnp.arange(10.0))
 
     def log_likelihood(phi, num_particles):
-        model = ndr.StateSpaceModel(
-            initial=dist.Normal(0.0, 1.0),
-            transition=lambda x, t: dist.Normal(phi * x, 1.0),
-            emission=lambda x, t: dist.Normal(x, 0.5),
-        )
         return ndr.particle_filter(
-            jax.random.PRNGKey(0), model, observations, num_particles=num_particles
+            jax.random.PRNGKey(0),
+            ar1(phi, 1.0, 0.5, initial_scale=1.0),
+            observations,
+            num_particles=num_particles,
         ).log_likelihood
 
     for i in range(count):
