@@ -25,6 +25,7 @@ is an approximation of the weighted cloud, exact in its first two moments only i
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,9 @@ _COVARIANCES = ("auto", "diagonal", "full")
 @dataclasses.dataclass(frozen=True)
 class Diffusion:
     """Diffusion resampling; see `diffusion` for the arguments."""
+
+    moves_particles: ClassVar[bool] = True
+    has_ancestors: ClassVar[bool] = False
 
     num_steps: int
     time: float
