@@ -170,6 +170,7 @@ class PMMH(MCMCKernel):
             rng_key, init_key = jnp.swapaxes(jax.vmap(jax.random.split)(rng_key), 0, 1)
         else:
             rng_key, init_key = jax.random.split(rng_key)
+        self._sites = self._inspect(init_key, model_args, model_kwargs)
         info = initialize_model(
             init_key,
             self._model,
@@ -179,7 +180,6 @@ class PMMH(MCMCKernel):
             model_kwargs=model_kwargs,
         )
         self._postprocess_fn = info.postprocess_fn
-        self._sites = inspect_sites(info.model_trace, self._correlation)
         self._num_warmup = int(num_warmup)
         z = info.param_info.z if init_params is None else init_params
 
@@ -244,6 +244,22 @@ class PMMH(MCMCKernel):
             scale_tril,
             key,
         )
+
+    def _inspect(self, key: PRNGKey, model_args: tuple, model_kwargs: dict) -> ModelSites:
+        """The sites' roles, read from a trace of the model on abstract values.
+
+        Before `initialize_model`, which fails less clearly on discrete sites.
+        """
+        found = []
+
+        def trace_model(key):
+            model = handlers.seed(self._model, key)
+            trace = handlers.trace(model).get_trace(*model_args, **model_kwargs)
+            found.append(inspect_sites(trace, self._correlation))
+            return 0
+
+        jax.eval_shape(trace_model, key if is_prng_key(key) else key[0])
+        return found[0]
 
     def _evaluate(
         self, key: PRNGKey, z: dict, model_args: tuple, model_kwargs: dict

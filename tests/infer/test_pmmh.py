@@ -1,0 +1,226 @@
+"""PMMH and correlated PMMH kernels: exactness against Kalman posteriors, state, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.infer import MCMC, NUTS
+from numpyro.infer.util import initialize_model
+
+import numpyro_diffres as ndr
+from numpyro_diffres.infer.pmmh import PMMHState
+
+NUM_STEPS = 20
+
+
+def ar1(phi):
+    """x_t = phi x_{t-1} + N(0, 0.5^2), y_t = x_t + N(0, 0.5^2), x_0 ~ N(0, 1)."""
+    return ndr.StateSpaceModel(
+        dist.Normal(0.0, 1.0),
+        lambda x, t: dist.Normal(phi * x, 0.5),
+        lambda x, t: dist.Normal(x, 0.5),
+    )
+
+
+def observations():
+    return ndr.simulate(jax.random.PRNGKey(0), ar1(0.7), NUM_STEPS)[1]
+
+
+def exact_model(y):
+    phi = numpyro.sample("phi", dist.Uniform(-1.0, 1.0))
+    eye = jnp.eye(1)
+    params = ndr.LinearGaussianParams(jnp.zeros(1), eye, phi * eye, 0.25 * eye, eye, 0.25 * eye)
+    numpyro.factor("y", ndr.kalman_log_likelihood(params, y[:, None]))
+
+
+def particle_model(y, num_particles=16, noise=None, resampler=None):
+    phi = numpyro.sample("phi", dist.Uniform(-1.0, 1.0))
+    ndr.particle_factor(
+        "y",
+        ar1(phi),
+        y,
+        num_particles=num_particles,
+        resampler=ndr.resampling.systematic() if resampler is None else resampler,
+        noise=noise,
+    )
+
+
+def run(kernel, *args, num_warmup=300, num_samples=1500, num_chains=4, seed=1, **kwargs):
+    mcmc = MCMC(
+        kernel,
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        chain_method="vectorized",
+        progress_bar=False,
+    )
+    mcmc.run(jax.random.PRNGKey(seed), *args, extra_fields=("accept_prob",), **kwargs)
+    return mcmc
+
+
+@pytest.fixture(scope="module")
+def exact_posterior():
+    mcmc = MCMC(NUTS(exact_model), num_warmup=500, num_samples=4000, progress_bar=False)
+    mcmc.run(jax.random.PRNGKey(2), observations())
+    return np.asarray(mcmc.get_samples()["phi"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kernel", "noise"),
+    [(ndr.infer.PMMH, None), (ndr.infer.PMMH, "sampled"), (ndr.infer.CorrelatedPMMH, "sampled")],
+)
+def test_pmmh_samples_the_exact_posterior_at_small_n(exact_posterior, mcse_mean, kernel, noise):
+    # N = 16 particles: a log-likelihood SD near 1, where a fixed-key filter is visibly off.
+    y = observations()
+    mcmc = run(kernel(lambda y: particle_model(y, noise=noise)), y, num_samples=2500)
+    draws = np.asarray(mcmc.get_samples(group_by_chain=True)["phi"])
+    error = abs(draws.mean() - exact_posterior.mean())
+    assert error < 4.0 * mcse_mean(draws), (draws.mean(), exact_posterior.mean())
+    np.testing.assert_allclose(draws.std(), exact_posterior.std(), rtol=0.15)
+
+
+@pytest.mark.slow
+def test_fixed_key_surrogate_is_biased_where_pmmh_is_not(exact_posterior, mcse_mean):
+    # The canary: the same N with the noise frozen (one fixed filter key, diffusion
+    # resampling, NUTS) conditions on one draw of the estimate.
+    y = observations()
+
+    def frozen(y):
+        phi = numpyro.sample("phi", dist.Uniform(-1.0, 1.0))
+        ndr.particle_factor("y", ar1(phi), y, num_particles=16, key=jax.random.PRNGKey(5))
+
+    mcmc = MCMC(NUTS(frozen), num_warmup=300, num_samples=1000, progress_bar=False)
+    mcmc.run(jax.random.PRNGKey(3), y)
+    draws = np.asarray(mcmc.get_samples()["phi"])
+    assert abs(draws.mean() - exact_posterior.mean()) > 4.0 * mcse_mean(draws[None])
+
+
+def test_the_estimate_is_kept_with_the_point():
+    y = observations()
+    mcmc = run(ndr.infer.PMMH(particle_model), y, num_warmup=20, num_samples=200, num_chains=1)
+    phi = np.asarray(mcmc.get_samples()["phi"])
+    log_likelihood = np.asarray(mcmc.get_extra_fields()["log_likelihood"])
+    stayed = phi[1:] == phi[:-1]
+    # Rejected proposals keep both the point and its estimate; accepted ones change both.
+    assert stayed.any() and (~stayed).any()
+    np.testing.assert_array_equal(log_likelihood[1:][stayed], log_likelihood[:-1][stayed])
+    assert np.all(log_likelihood[1:][~stayed] != log_likelihood[:-1][~stayed])
+
+
+def test_the_stored_estimate_is_the_filters_log_likelihood():
+    y = observations()
+    kernel = ndr.infer.PMMH(lambda y: particle_model(y, noise="sampled"))
+    state = kernel.init(jax.random.PRNGKey(0), 10, None, (y,), {})
+    assert isinstance(state, PMMHState)
+    noise = state.z["y_noise"]
+    phi = kernel.postprocess_fn((y,), {})(state.z)["phi"]
+    flat = jnp.asarray(noise)
+    from numpyro_diffres.noise import noise_filter, noise_shape, unflatten_noise
+
+    expected = noise_filter(unflatten_noise(flat, noise_shape(NUM_STEPS, 16, ())), ar1(phi), y)
+    np.testing.assert_allclose(state.log_likelihood, expected.log_likelihood, rtol=1e-5)
+
+
+def test_correlated_moves_keep_successive_estimates_close():
+    # With rho = 0.99 the log-likelihood ratio of successive proposals is far less variable
+    # than with fresh noise (rho = 0): the point of the correlated kernel.
+    y = observations()
+
+    def spread(kernel):
+        mcmc = run(kernel, y, num_warmup=50, num_samples=300, num_chains=1)
+        values = np.asarray(mcmc.get_extra_fields()["log_likelihood"])
+        return np.std(np.diff(values))
+
+    model = lambda y: particle_model(y, num_particles=8, noise="sampled")  # noqa: E731
+    fresh = spread(ndr.infer.PMMH(model, adapt=False, step_size=1e-3))
+    correlated = spread(ndr.infer.CorrelatedPMMH(model, adapt=False, step_size=1e-3))
+    assert correlated < 0.5 * fresh, (correlated, fresh)
+
+
+def test_warmup_adapts_the_random_walk_towards_the_target_rate():
+    y = observations()
+    mcmc = run(
+        ndr.infer.PMMH(lambda y: particle_model(y, num_particles=64), step_size=50.0),
+        y,
+        num_warmup=400,
+        num_samples=400,
+        num_chains=2,
+    )
+    rate = float(np.mean(mcmc.get_extra_fields()["accept_prob"]))
+    assert 0.05 < rate < 0.4, rate
+    unadapted = run(
+        ndr.infer.PMMH(lambda y: particle_model(y, num_particles=64), step_size=50.0, adapt=False),
+        y,
+        num_warmup=400,
+        num_samples=400,
+        num_chains=2,
+    )
+    assert float(np.mean(unadapted.get_extra_fields()["accept_prob"])) < 0.05
+
+
+def test_a_biased_resampler_is_refused():
+    y = observations()
+    kernel = ndr.infer.PMMH(lambda y: particle_model(y, resampler=ndr.resampling.diffusion()))
+    with pytest.raises(ValueError, match="not unbiased"):
+        kernel.init(jax.random.PRNGKey(0), 10, None, (y,), {})
+
+
+def test_correlated_kernel_needs_noise_sites():
+    y = observations()
+    with pytest.raises(ValueError, match="noise='sampled'"):
+        ndr.infer.CorrelatedPMMH(particle_model).init(jax.random.PRNGKey(0), 10, None, (y,), {})
+
+
+def test_discrete_latent_sites_are_refused():
+    def model():
+        numpyro.sample("k", dist.Bernoulli(0.3))
+
+    with pytest.raises(ValueError, match="discrete"):
+        ndr.infer.PMMH(model).init(jax.random.PRNGKey(0), 10, None, (), {})
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"step_size": 0.0}, "step_size"),
+        ({"target_accept_prob": 1.0}, "target_accept_prob"),
+        ({"correlation": 1.0}, "correlation"),
+        ({"correlation": -0.1}, "correlation"),
+    ],
+)
+def test_bad_settings_are_refused(settings, match):
+    with pytest.raises(ValueError, match=match):
+        ndr.infer.PMMH(particle_model, **settings)
+
+
+def test_a_model_that_is_not_callable_is_refused():
+    with pytest.raises(TypeError, match="callable"):
+        ndr.infer.PMMH("model")
+
+
+def test_plain_observed_sites_sample_a_conjugate_posterior(mcse_mean):
+    # No particle filter: PMMH is then an exact adaptive random walk.
+    y = jax.random.normal(jax.random.PRNGKey(0), (20,)) + 1.5
+
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    mcmc = run(ndr.infer.PMMH(model), y, num_warmup=300, num_samples=1500)
+    draws = np.asarray(mcmc.get_samples(group_by_chain=True)["mu"])
+    precision = 20.0 + 1.0 / 100.0
+    assert abs(draws.mean() - float(y.sum()) / precision) < 4.0 * mcse_mean(draws)
+    np.testing.assert_allclose(draws.std(), precision**-0.5, rtol=0.1)
+
+
+def test_initialize_model_trace_marks_the_noise_site():
+    y = observations()
+    info = initialize_model(
+        jax.random.PRNGKey(0), lambda y: particle_model(y, noise="sampled"), model_args=(y,)
+    )
+    site = info.model_trace["y_noise"]
+    assert site["infer"]["particle_noise"]
+    assert site["value"].shape == (16 * NUM_STEPS + NUM_STEPS - 1,)
