@@ -27,9 +27,9 @@ import numpyro.distributions as dist
 from jax.scipy.special import ndtr
 from numpyro.distributions import Distribution
 
+from numpyro_diffres._log_density import fill_missing, guard, log_normalize, safe_log_prob
 from numpyro_diffres._typing import Array
 from numpyro_diffres.filtering import FilterResult, _info_series, _series_log_prob
-from numpyro_diffres._log_density import fill_missing, guard, log_normalize, safe_log_prob
 from numpyro_diffres.ssm import StateSpaceModel
 
 __all__ = [

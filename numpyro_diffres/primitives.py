@@ -113,7 +113,7 @@ def particle_factor(
             time); default None decides by size, see `particle_filter`.
         noise: None (the filter draws its randomness from the key), or `"sampled"`: every
             random number of the filter becomes one latent site `{name}_noise` of standard
-            normals, a vector of $N \cdot$ state size $\cdot T + (T - 1)$ entries (times the
+            normals, a vector of $N \\cdot$ state size $\\cdot T + (T - 1)$ entries (times the
             series), which `infer.PMMH` / `infer.CorrelatedPMMH` move with the statics. The
             filter then resamples at every step by systematic resampling over sorted
             particles (`noise.noise_filter`; `resampler` must be None or `systematic()`),
