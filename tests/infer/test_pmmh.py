@@ -224,3 +224,43 @@ def test_initialize_model_trace_marks_the_noise_site():
     site = info.model_trace["y_noise"]
     assert site["infer"]["particle_noise"]
     assert site["value"].shape == (16 * NUM_STEPS + NUM_STEPS - 1,)
+
+
+def noise_model(y, num_particles=16):
+    particle_model(y, num_particles=num_particles, noise="sampled")
+
+
+def test_particle_count_rule_reaches_its_target_and_correlation_lowers_it():
+    y = observations()
+    plain = ndr.diagnostics.choose_pmmh_num_particles(
+        jax.random.PRNGKey(0), noise_model, {"phi": 0.7}, model_args=(y,), initial=2
+    )
+    assert plain.reached and plain.sd <= 1.2
+    # The SD halves (about) when N quadruples: the rule's tried counts show it falling.
+    assert plain.tried[0][1] > plain.sd
+    correlated = ndr.diagnostics.choose_pmmh_num_particles(
+        jax.random.PRNGKey(0),
+        noise_model,
+        {"phi": 0.7},
+        model_args=(y,),
+        correlation=0.99,
+        initial=2,
+    )
+    assert correlated.reached
+    assert correlated.num_particles < plain.num_particles
+
+
+def test_particle_count_rule_refuses_missing_statics_and_a_correlated_rule_without_noise():
+    y = observations()
+    with pytest.raises(ValueError, match="no value for the static sites"):
+        ndr.diagnostics.choose_pmmh_num_particles(
+            jax.random.PRNGKey(0), noise_model, {}, model_args=(y,)
+        )
+    with pytest.raises(ValueError, match="noise='sampled'"):
+        ndr.diagnostics.choose_pmmh_num_particles(
+            jax.random.PRNGKey(0),
+            particle_model,
+            {"phi": 0.7},
+            model_args=(y,),
+            correlation=0.9,
+        )

@@ -1,0 +1,456 @@
+"""Which sampler when: every method on the same model, time to 400 ESS and error against a reference.
+
+Cases (`--cases`): the nonlinear growth model (T = 50, one static), stochastic volatility at
+T = 100 and T = 1000 (three statics), and a hierarchical growth model (10 series, a per-series
+sv and two shared hyperparameters: 12 statics). Methods, all run in this one process:
+
+* `nuts_latent`: NUTS over the statics and every latent state (non-centred where it helps);
+  the user's alternative to a particle filter.
+* `nuts_fixed_key`: NUTS on `particle_factor` with diffusion resampling and one frozen filter
+  key (the package's older route): a surrogate posterior, biased at small N.
+* `pmmh`: `ndr.infer.PMMH` on `particle_factor(..., resampler=systematic())` (a fresh key per
+  proposal); `pmmh_noise`: the same on `noise="sampled"` (fresh standard normals, the filter
+  driven by them); `cpmmh`: `ndr.infer.CorrelatedPMMH` (rho = 0.99) on `noise="sampled"`.
+* `particles_pmmh`: PMMH of the NumPy library `particles` (0.4, adaptive random walk, one
+  chain), the outside reference, where it is installed.
+
+Protocol (`fit`): warm-up (compilation included) timed apart from sampling; time to 400 ESS
+is warm-up seconds + sampling seconds x 400 / (smallest bulk ESS over the statics, all chains
+together); errors are (posterior mean - reference mean) / reference SD per static. References
+are long runs of an exact method, stored in the JSON and reused with `--reuse-references`.
+
+    python -m benchmarks which_method [--quick] [--cases growth sv100 sv1000 hierarchical]
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.contrib.control_flow import scan
+from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
+from numpyro.infer import MCMC, NUTS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
+
+import numpyro_diffres as ndr  # noqa: E402
+from benchmarks._common import markdown_table, run_metadata, write_report  # noqa: E402
+from benchmarks.models import (  # noqa: E402
+    GROWTH_PRIOR_SCALE,
+    growth,
+    growth_latent_model,
+    growth_mean,
+    growth_observations,
+    stochastic_volatility,
+    sv_latent_model,
+    sv_priors,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "which_method.json"
+TARGET_ESS = 400.0
+SV_TRUE = {"mu": -1.0, "phi": 0.9, "sigma": 0.4}
+HIERARCHY_SERIES = 10
+
+
+# --- the cases: data, statics, reference and the model of each method ---------------------
+
+
+def sv_returns(num_steps, seed=0):
+    model = stochastic_volatility(SV_TRUE["mu"], SV_TRUE["phi"], SV_TRUE["sigma"])
+    return ndr.simulate(jax.random.PRNGKey(seed), model, num_steps)[1]
+
+
+def sv_filter_model(num_particles, **factor_options):
+    def model(returns):
+        mu, phi, sigma = sv_priors()
+        ndr.particle_factor(
+            "returns",
+            stochastic_volatility(mu, phi, sigma),
+            returns,
+            num_particles=num_particles,
+            **factor_options,
+        )
+
+    return model
+
+
+def growth_filter_model(num_particles, **factor_options):
+    def model(y):
+        sv = numpyro.sample("sv", dist.HalfNormal(GROWTH_PRIOR_SCALE))
+        ndr.particle_factor("y", growth(sv), y, num_particles=num_particles, **factor_options)
+
+    return model
+
+
+def hierarchy_statics():
+    """log sv_s = m + s z_s (non-centred), m ~ N(log 3, 0.5^2), s ~ HalfNormal(0.5)."""
+    m = numpyro.sample("m", dist.Normal(math.log(3.0), 0.5))
+    s = numpyro.sample("s", dist.HalfNormal(0.5))
+    with numpyro.plate("series", HIERARCHY_SERIES):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    return jnp.exp(m + s * z)
+
+
+def hierarchy_filter_model(num_particles, **factor_options):
+    def model(y):
+        sv = hierarchy_statics()
+        with numpyro.plate("series", HIERARCHY_SERIES):
+            ndr.particle_factor("y", growth(sv), y, num_particles=num_particles, **factor_options)
+
+    return model
+
+
+def hierarchy_latent_model(y):
+    sv = hierarchy_statics()
+    with numpyro.plate("series", HIERARCHY_SERIES):
+        x0 = numpyro.sample("x0", dist.Normal(0.0, jnp.sqrt(5.0)))
+        numpyro.sample("y0", dist.Normal(x0**2 / 20.0, 1.0), obs=y[:, 0])
+
+        def step(x, inputs):
+            t, y_t = inputs
+            x = numpyro.sample("x", dist.Normal(growth_mean(x, t), sv))
+            numpyro.sample("y", dist.Normal(x**2 / 20.0, 1.0), obs=y_t)
+            return x, None
+
+        scan(step, x0, (jnp.arange(1, y.shape[1]), y[:, 1:].T))
+
+
+def hierarchy_observations(num_steps=50, seed=0):
+    svs = jnp.exp(math.log(3.0) + 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 100), (10,)))
+    keys = jax.random.split(jax.random.PRNGKey(seed), HIERARCHY_SERIES)
+    return jnp.stack([ndr.simulate(k, growth(sv), num_steps)[1] for k, sv in zip(keys, svs)])
+
+
+def case_settings(name, quick):
+    """Data, statics, particle counts and chain lengths of one case."""
+    scale = 0.1 if quick else 1.0
+
+    def length(n):
+        return max(int(n * scale), 50)
+
+    if name == "growth":
+        return {
+            "data": growth_observations(),
+            "statics": ("sv",),
+            "latent": growth_latent_model,
+            "filter": growth_filter_model,
+            "num_particles": {"pmmh": 256, "cpmmh": 64, "nuts_fixed_key": 256, "particles": 256},
+            "warmup": length(1000),
+            "samples": length(3000),
+            "nuts": (length(300), length(300)),
+            "particles_model": "growth",
+        }
+    if name in ("sv100", "sv1000"):
+        num_steps = 100 if name == "sv100" else 1000
+        counts = {"pmmh": 32, "cpmmh": 16, "nuts_fixed_key": 64, "particles": 32}
+        if num_steps == 1000:
+            counts = {"pmmh": 256, "cpmmh": 64, "nuts_fixed_key": 64}
+        return {
+            "data": sv_returns(num_steps),
+            "statics": ("mu", "phi", "sigma"),
+            "latent": sv_latent_model(),
+            "filter": sv_filter_model,
+            "num_particles": counts,
+            "warmup": length(2000),
+            "samples": length(6000),
+            "nuts": (length(300), length(400)),
+            "particles_model": "sv" if num_steps == 100 else None,
+        }
+    if name == "hierarchical":
+        return {
+            "data": hierarchy_observations(),
+            "statics": ("m", "s", "z"),
+            "latent": hierarchy_latent_model,
+            "filter": hierarchy_filter_model,
+            "num_particles": {"pmmh": 128, "cpmmh": 32, "nuts_fixed_key": 64},
+            "warmup": length(3000),
+            "samples": length(10000),
+            "nuts": (length(300), length(300)),
+            "particles_model": None,
+        }
+    raise ValueError(f"unknown case {name!r}")
+
+
+# --- one protocol for every NumPyro method ----------------------------------------------------
+
+
+def summarize(draws, statics, reference, seconds_warmup, seconds_sampling):
+    """Means, SDs, ESS, R-hat and errors (in reference SDs) of the draws of every static."""
+    rows, smallest, worst_rhat = {}, math.inf, 0.0
+    for name in statics:
+        values = np.asarray(draws[name], np.float64)  # (chains, draws, *shape)
+        flat = values.reshape(values.shape[:2] + (-1,))
+        for index in range(flat.shape[-1]):
+            label = name if flat.shape[-1] == 1 else f"{name}[{index}]"
+            chain = flat[..., index]
+            ess = float(effective_sample_size(chain))
+            rhat = float(split_gelman_rubin(chain)) if chain.shape[0] > 1 else float("nan")
+            ref = reference.get(label) if reference else None
+            error = None if ref is None else (chain.mean() - ref["mean"]) / ref["sd"]
+            rows[label] = {
+                "mean": float(chain.mean()),
+                "sd": float(chain.std()),
+                "ess": ess,
+                "rhat": rhat,
+                "error_in_sd": error,
+            }
+            smallest = min(smallest, ess)
+            worst_rhat = max(worst_rhat, rhat) if math.isfinite(rhat) else worst_rhat
+    errors = [abs(r["error_in_sd"]) for r in rows.values() if r["error_in_sd"] is not None]
+    return {
+        "warmup_seconds": seconds_warmup,
+        "sampling_seconds": seconds_sampling,
+        "min_ess": smallest,
+        "max_rhat": worst_rhat,
+        "max_abs_error_in_sd": max(errors) if errors else None,
+        "seconds_to_400_ess": seconds_warmup + seconds_sampling * TARGET_ESS / max(smallest, 1.0),
+        "statics": rows,
+    }
+
+
+def fit(kernel, data, statics, reference, *, warmup, samples, chains, chain_method, seed=0):
+    """Warm up, then sample; time both (compilation in the warm-up) and summarise."""
+    mcmc = MCMC(
+        kernel,
+        num_warmup=warmup,
+        num_samples=samples,
+        num_chains=chains,
+        chain_method=chain_method,
+        progress_bar=False,
+    )
+    start = time.perf_counter()
+    mcmc.warmup(jax.random.PRNGKey(seed), data, collect_warmup=False)
+    jax.block_until_ready(mcmc.post_warmup_state)
+    seconds_warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    mcmc.run(mcmc.post_warmup_state.rng_key, data)
+    draws = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))
+    seconds_sampling = time.perf_counter() - start
+    return summarize(draws, statics, reference, seconds_warmup, seconds_sampling)
+
+
+def run_method(method, case, reference, quick):
+    n = case["num_particles"]
+    common = {"statics": case["statics"], "reference": reference}
+    pm = {"warmup": case["warmup"], "samples": case["samples"], "chains": 4}
+    if method == "nuts_latent":
+        warmup, samples = case["nuts"]
+        kernel = NUTS(case["latent"])
+        out = fit(kernel, case["data"], **common, warmup=warmup, samples=samples, chains=4,
+                  chain_method="sequential")
+    elif method == "nuts_fixed_key":
+        warmup, samples = case["nuts"]
+        model = case["filter"](
+            n["nuts_fixed_key"],
+            resampler=ndr.resampling.diffusion(num_steps=4),
+            key=jax.random.PRNGKey(7),
+        )
+        out = fit(NUTS(model), case["data"], **common, warmup=warmup // 2, samples=samples // 2,
+                  chains=1, chain_method="sequential")
+    elif method == "pmmh":
+        model = case["filter"](n["pmmh"], resampler=ndr.resampling.systematic())
+        out = fit(ndr.infer.PMMH(model), case["data"], **common, **pm,
+                  chain_method="vectorized")
+    elif method == "pmmh_noise":
+        model = case["filter"](n["pmmh"], noise="sampled")
+        out = fit(ndr.infer.PMMH(model), case["data"], **common, **pm,
+                  chain_method="vectorized")
+    elif method == "cpmmh":
+        model = case["filter"](n["cpmmh"], noise="sampled")
+        out = fit(ndr.infer.CorrelatedPMMH(model), case["data"], **common, **pm,
+                  chain_method="vectorized")
+    elif method == "particles_pmmh":
+        out = run_particles(case, reference, quick)
+    else:
+        raise ValueError(method)
+    out["num_particles"] = {
+        "nuts_fixed_key": n.get("nuts_fixed_key"),
+        "pmmh": n.get("pmmh"),
+        "pmmh_noise": n.get("pmmh"),
+        "cpmmh": n.get("cpmmh"),
+        "particles_pmmh": n.get("particles"),
+    }.get(method)
+    return out
+
+
+# --- the outside reference: `particles` (NumPy) ------------------------------------------------
+
+
+def run_particles(case, reference, quick):
+    """PMMH of `particles` 0.4: one chain, its adaptive random walk, the same iterations."""
+    from particles import distributions as dists  # noqa: PLC0415
+    from particles import mcmc, state_space_models  # noqa: PLC0415
+
+    class Growth(state_space_models.StateSpaceModel):
+        default_params = {"sv": 3.0}
+
+        def PX0(self):  # noqa: N802 (particles' names)
+            return dists.Normal(loc=0.0, scale=math.sqrt(5.0))
+
+        def PX(self, t, xp):  # noqa: N802
+            mean = xp / 2.0 + 25.0 * xp / (1.0 + xp**2) + 8.0 * np.cos(1.2 * t)
+            return dists.Normal(loc=mean, scale=self.sv)
+
+        def PY(self, t, xp, x):  # noqa: N802
+            return dists.Normal(loc=x**2 / 20.0, scale=1.0)
+
+    class PMMH(mcmc.PMMH):
+        # numpy 2 refuses to store the prior's one-element log-density array into a scalar.
+        def compute_post(self):
+            self.prop.lpost[0] = np.squeeze(self.prior.logpdf(self.prop.theta))
+            if np.isfinite(self.prop.lpost[0]):
+                filter_ = self.alg_instance(
+                    {name: self.prop.theta[name][0] for name in self.prop.theta.dtype.names}
+                )
+                filter_.run()
+                self.prop.lpost[0] += filter_.logLt
+
+    if case["particles_model"] == "growth":
+        ssm = Growth
+        prior = dists.StructDist({"sv": dists.TruncNormal(mu=0.0, sigma=5.0, a=0.0, b=np.inf)})
+    else:
+        ssm = state_space_models.StochVol
+        prior = dists.StructDist(
+            {
+                "mu": dists.Normal(loc=0.0, scale=2.0),
+                "rho": dists.LinearD(dists.Beta(a=10.0, b=1.5), a=2.0, b=-1.0),
+                "sigma": dists.TruncNormal(mu=0.0, sigma=1.0, a=0.0, b=np.inf),
+            }
+        )
+    data = list(np.asarray(case["data"], np.float64))
+    iterations = case["warmup"] + case["samples"]
+    sampler = PMMH(
+        ssm_cls=ssm, prior=prior, data=data, Nx=case["num_particles"]["particles"],
+        niter=iterations, adaptive=True,
+    )
+    np.random.seed(0)
+    start = time.perf_counter()
+    sampler.run()
+    seconds = time.perf_counter() - start
+    names = {"rho": "phi"}
+    draws = {
+        names.get(k, k): np.asarray(sampler.chain.theta[k][case["warmup"]:])[None]
+        for k in sampler.chain.theta.dtype.names
+    }
+    share = case["warmup"] / iterations
+    return summarize(draws, case["statics"], reference, seconds * share, seconds * (1 - share))
+
+
+# --- references ---------------------------------------------------------------------------------
+
+
+def reference_posterior(name, case, quick):
+    """A long run of an exact method: NUTS over the latents (SV), PMMH (growth models)."""
+    if name == "growth":
+        stored = json.loads((ROOT / "benchmarks" / "results" / "roughness.json").read_text())
+        posterior = stored["reference"]["posterior"]
+        return {"sv": {"mean": posterior["mean"], "sd": posterior["sd"]}}, (
+            "quadrature on a 61-point grid of sv, likelihood averaged over 64 keys at N = 2048 "
+            "(roughness.json)"
+        )
+    scale = 0.1 if quick else 1.0
+    if name.startswith("sv"):
+        kernel, method = NUTS(case["latent"]), "sequential"
+        warmup, samples, what = int(1000 * scale), int(5000 * scale), "NUTS over the latents"
+    else:
+        model = case["filter"](256, noise="sampled")
+        kernel, method = ndr.infer.CorrelatedPMMH(model), "vectorized"
+        warmup, samples, what = int(5000 * scale), int(40000 * scale), "CorrelatedPMMH, N = 256"
+    out = fit(kernel, case["data"], case["statics"], None, warmup=warmup, samples=samples,
+              chains=4, chain_method=method, seed=11)
+    reference = {k: {"mean": v["mean"], "sd": v["sd"]} for k, v in out["statics"].items()}
+    return reference, f"{what}, 4 chains x ({warmup} + {samples}), min ESS {out['min_ess']:.0f}"
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+LABELS = {
+    "nuts_latent": "NUTS over all latents",
+    "nuts_fixed_key": "NUTS, fixed-key diffusion filter (K = 4)",
+    "pmmh": "ndr.infer.PMMH (fresh key, systematic)",
+    "pmmh_noise": "ndr.infer.PMMH (noise='sampled', rho = 0)",
+    "cpmmh": "ndr.infer.CorrelatedPMMH (rho = 0.99)",
+    "particles_pmmh": "particles 0.4 PMMH (NumPy)",
+}
+
+
+def render(report):
+    lines = ["# Which sampler when", "", report["meta_line"], ""]
+    for name, case in report["cases"].items():
+        lines += [f"## {name}", "", f"Reference: {case['reference_method']}.", ""]
+        rows = []
+        for method, result in case["methods"].items():
+            if "error" in result:
+                rows.append([LABELS[method], "-", "-", "-", "-", "-", result["error"][:60]])
+                continue
+            rows.append(
+                [
+                    LABELS[method],
+                    result.get("num_particles"),
+                    result["seconds_to_400_ess"],
+                    result["min_ess"],
+                    result["max_rhat"],
+                    result["max_abs_error_in_sd"],
+                    f"{result['warmup_seconds']:.1f} + {result['sampling_seconds']:.1f} s",
+                ]
+            )
+        headers = ["method", "N", "s to 400 ESS", "min ESS", "max R-hat", "max |error| / ref SD",
+                   "warm-up + sampling"]
+        lines += [markdown_table(headers, rows), ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short chains (a smoke run)")
+    parser.add_argument("--cases", nargs="+", default=["growth", "sv100", "sv1000"])
+    parser.add_argument("--methods", nargs="+", default=list(LABELS))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--reuse-references", action="store_true")
+    args = parser.parse_args(argv)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {"cases": {}}
+    report = {"meta": run_metadata(quick=args.quick), "cases": dict(previous.get("cases", {}))}
+    for name in args.cases:
+        case = case_settings(name, args.quick)
+        stored = previous["cases"].get(name, {})
+        if args.reuse_references and "reference" in stored:
+            reference, how = stored["reference"], stored["reference_method"]
+        else:
+            reference, how = reference_posterior(name, case, args.quick)
+        methods = dict(stored.get("methods", {})) if args.reuse_references else {}
+        for method in args.methods:
+            if method == "particles_pmmh" and case["particles_model"] is None:
+                continue
+            if method == "nuts_latent" and name in ("growth", "hierarchical") and args.quick:
+                continue
+            print(f"{name}: {method}", flush=True)
+            try:
+                methods[method] = run_method(method, case, reference, args.quick)
+            except ImportError as error:
+                methods[method] = {"error": f"not installed: {error}"}
+            print(json.dumps({k: v for k, v in methods[method].items() if k != "statics"}),
+                  flush=True)
+        report["cases"][name] = {
+            "reference": reference,
+            "reference_method": how,
+            "methods": methods,
+        }
+    report["meta_line"] = (
+        f"{'Quick run' if args.quick else 'Run'} of `python -m benchmarks which_method`; "
+        "times in seconds on this machine, every method in the same process."
+    )
+    print(write_report(args.out, report, render))
+    return report
+
+
+if __name__ == "__main__":
+    main()
