@@ -9,6 +9,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
 from jax.typing import DTypeLike
 from numpyro.distributions import constraints
 
@@ -94,7 +96,40 @@ def series_log_prob(distribution, value: Array, num_batch: int) -> Array:
     )
     mask = possible.reshape(possible.shape + (1,) * len(safe.event_shape))
     point = jnp.where(mask, value, safe.support.feasible_like(value))
-    return jnp.where(possible, safe.log_prob(point), -jnp.inf)
+    # The parameters of an impossible series (e.g. an overflowing location) are replaced too:
+    # their derivatives at the discarded point can be infinite, and `where` would turn them
+    # into NaN (0 * inf).
+    return jnp.where(possible, _feasible_series(safe, possible).log_prob(point), -jnp.inf)
+
+
+def _feasible_series(distribution, possible: Array):
+    """`distribution` with every checked parameter feasible in the series where not `possible`.
+
+    The series axes lead the batch shape. A distribution that cannot be rebuilt from its
+    parameters is returned unchanged.
+    """
+    base = distribution
+    while isinstance(base, dist.Independent):
+        base = base.base_dist
+    parameters = {}
+    for name, constraint in base.arg_constraints.items():
+        if name not in base.__dict__:
+            continue
+        value = parameters[name] = base.__dict__[name]
+        if value is None or constraints.is_dependent(constraint):
+            continue
+        event_shape = jnp.shape(value)[jnp.ndim(value) - constraint.event_dim :]
+        value = jnp.broadcast_to(value, base.batch_shape + event_shape)
+        keep = possible.reshape(possible.shape + (1,) * (value.ndim - possible.ndim))
+        parameters[name] = jnp.where(keep, value, constraint.feasible_like(value))
+    try:
+        with numpyro.validation_enabled(False):
+            rebuilt = type(base)(**parameters)
+    except (TypeError, ValueError, NotImplementedError):
+        return distribution
+    if rebuilt.batch_shape != base.batch_shape:
+        return distribution
+    return rebuilt.to_event(len(distribution.event_shape) - len(base.event_shape))
 
 
 def _series_in_support(distribution, value: Array, batch_shape: tuple[int, ...]) -> Array:
