@@ -22,32 +22,20 @@ weight zero everywhere; the draws are then NaN (for floating-point states; the s
 their dtype for integer states) rather than an error deep inside a traced program.
 """
 
-import math
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.checks import check_count, particle_dtype
-from numpyro_diffres.filtering import FilterState, init, state_space_kernel, step
-from numpyro_diffres.guards import fill_missing, guard
+from numpyro_diffres.filtering import run_filter, state_space_kernel
+from numpyro_diffres.guards import guard
 from numpyro_diffres.resampling import systematic
 from numpyro_diffres.ssm import StateSpaceModel
 
 __all__ = ["SMOOTHING_METHODS", "forecast", "particle_smoother"]
 
 SMOOTHING_METHODS = ("backward", "genealogy")
-
-
-class _History(NamedTuple):
-    """What the forward pass stores: clouds `(T, N, ...)`, log-weights `(T, N)`, ancestors."""
-
-    particles: Array
-    log_weights: Array
-    ancestors: Array
-    alive: Array
 
 
 def particle_smoother(
@@ -215,46 +203,24 @@ def _prepare(model, observations, num_particles, resampler, dtype):
 
 
 def forward_pass(key, kernel, observations, num_particles, resampler, store):
-    """Filter with index resampling at every step; optionally keep every cloud and ancestry."""
-    missing, filled = fill_missing(observations)
-    initial_key, steps_key = jax.random.split(key)
-    state, _ = init(initial_key, kernel, filled[0], num_particles=num_particles, missing=missing[0])
-    first = state
-
-    def body(state, inputs):
-        step_key, t, y, y_missing = inputs
-        resample_key, move_key = jax.random.split(step_key)
-        ancestors = resampler.indices(resample_key, state.log_weights, num_particles)
-        uniform = jnp.full_like(state.log_weights, -math.log(num_particles))
-        resampled = FilterState(state.particles[ancestors], uniform, state.alive)
-        # The blocks' own step moves and weights; resampling happened above, where the
-        # ancestor indices are visible.
-        state, _ = step(move_key, resampled, t, y, model=kernel, resampler=None, missing=y_missing)
-        stored = (state.particles, state.log_weights, ancestors) if store else None
-        return state, stored
-
-    num_steps = observations.shape[0]
-    keys = jax.random.split(steps_key, max(num_steps - 1, 0))
-    times = jnp.arange(1, num_steps, dtype=jnp.int32)
-    final, stored = jax.lax.scan(body, state, (keys, times, filled[1:], missing[1:]))
-    if not store:
-        return final, None
-    particles, log_weights, ancestors = stored
-    history = _History(
-        jnp.concatenate([first.particles[None], particles]),
-        jnp.concatenate([first.log_weights[None], log_weights]),
-        ancestors,
-        final.alive,
+    """`run_filter` with index resampling at every step: `(final state, history or None)`."""
+    run = run_filter(
+        key,
+        kernel,
+        observations,
+        num_particles=num_particles,
+        resampler=resampler,
+        store_history=store,
     )
-    return final, history
+    return run.state, run.history
 
 
 def backward_simulation(key, log_transition, history, last):
     """FFBSi: paths `(M, T, ...)` and whether every backward draw had a possible ancestor.
 
     `log_transition(x_t, x_next, t)` is $\\log f(x_{t+1} \\mid x_t)$ for one pair of particles
-    ($-\\infty$ where impossible); `history` comes from `forward_pass(..., store=True)` and
-    `last` indexes the final cloud.
+    ($-\\infty$ where impossible); `history` is a `FilterHistory` of one series and `last`
+    indexes the final cloud.
     """
     end = history.particles[-1][last]
 

@@ -82,10 +82,23 @@ class IndexResampler:
 
     def __call__(self, key: PRNGKey, log_weights: Array, particles: Array) -> tuple[Array, Array]:
         """Resample; returns `(particles, log_weights)` with uniform log-weights."""
+        particles, log_weights, _ = self.resample_with_ancestors(key, log_weights, particles)
+        return particles, log_weights
+
+    def resample_with_ancestors(
+        self, key: PRNGKey, log_weights: Array, particles: Array
+    ) -> tuple[Array, Array, Array]:
+        """Resample and say where each new particle came from.
+
+        Returns:
+            `(particles, log_weights, ancestors)`: the call's output and the ancestor index
+            `(N,)` of each new particle (what smoothing by genealogy follows).
+        """
         flat, normalized, event_shape = prepare(log_weights, particles, require_float=False)
         n = flat.shape[0]
         ancestors = self.indices(key, normalized, n)
-        return flat[ancestors].reshape(n, *event_shape), uniform_log_weights(n, normalized.dtype)
+        particles = flat[ancestors].reshape(n, *event_shape)
+        return particles, uniform_log_weights(n, normalized.dtype), ancestors
 
 
 def multinomial() -> IndexResampler:
