@@ -7,15 +7,18 @@ import math
 from typing import Any, NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 
 from numpyro_diffres._typing import Array, PRNGKey
 
 __all__ = [
     "FilterHistory",
+    "FilterNoise",
     "FilterInfo",
     "FilterState",
     "ParticleModel",
     "StepInputs",
+    "StepNoise",
     "align",
     "per_series",
 ]
@@ -35,6 +38,32 @@ class StepInputs(NamedTuple):
     observation: Array
     missing: Array
     covariates: Any = None
+
+
+class StepNoise(NamedTuple):
+    """One step's randomness as standard normals, in place of its PRNG key.
+
+    Attributes:
+        move: each particle's move noise, `(N, *B, *state_shape)`.
+        resampling: the resampler's noise, shape $B$ (one standard normal per series).
+    """
+
+    move: Array
+    resampling: Array
+
+
+class FilterNoise(NamedTuple):
+    """Every random number of one filter run as standard normals, in place of its key.
+
+    Attributes:
+        initial: the first cloud's noise, `(N, *B, *state_shape)`.
+        transition: each later step's move noise, `(T - 1, N, *B, *state_shape)`.
+        resampling: each later step's resampling noise, `(T - 1, *B)`.
+    """
+
+    initial: Array
+    transition: Array
+    resampling: Array
 
 
 class FilterState(NamedTuple):
@@ -130,7 +159,8 @@ def per_series(function, num_batch, *arrays, key=None, out_axes=0):
     `arrays` have shape `(N, *B, ...)`; each output is reshaped back with $B$ at its
     `out_axes` entry (1 for per-particle arrays, 0 for per-series summaries). One series
     (`num_batch` 0) is the same call with no series axis; `key` is then the series' key,
-    else it is split into one key per series.
+    else it is split into one key per series, or, when it is standard-normal noise of shape
+    $B$ (a `StepNoise`'s resampling noise), indexed per series.
     """
     if num_batch == 0:
         return function(*arrays) if key is None else function(key, *arrays)
@@ -141,7 +171,9 @@ def per_series(function, num_batch, *arrays, key=None, out_axes=0):
     ]
     in_axes = (1,) * len(flat)
     if key is not None:
-        flat, in_axes = [jax.random.split(key, size), *flat], (0, *in_axes)
+        noise = jnp.issubdtype(jnp.asarray(key).dtype, jnp.floating)
+        keys = jnp.reshape(key, (size,)) if noise else jax.random.split(key, size)
+        flat, in_axes = [keys, *flat], (0, *in_axes)
     results = jax.vmap(function, in_axes=in_axes, out_axes=out_axes)(*flat)
 
     def unflatten(axis, result):

@@ -38,9 +38,11 @@ from numpyro_diffres.filter_arguments import check_batch_shape, check_model
 from numpyro_diffres.filter_types import (
     FilterHistory,
     FilterInfo,
+    FilterNoise,
     FilterState,
     ParticleModel,
     StepInputs,
+    StepNoise,
     align,
     per_series,
 )
@@ -130,11 +132,14 @@ def step(
 ) -> tuple[FilterState, FilterInfo]:
     """Resample, move and weight the cloud once: from $t - 1$ to $t$.
 
-    All randomness of the step is derived here from `key`: one key for the resampling (split
+    All randomness of the step is derived here from `key`, or given as a `StepNoise` of
+    standard normals (for pseudo-marginal samplers: the model then draws from its move noise,
+    and the resampler takes standard-normal noise in place of a key, as
+    `resampling.sorted_systematic` does). From a key: one key for the resampling (split
     per series), one per particle for the move.
 
     Args:
-        key: PRNG key of this step.
+        key: PRNG key of this step, or its `StepNoise`.
         state: the cloud after observing $y_{t-1}$.
         inputs: the inputs of time $t$, passed to `model.propagate` untouched.
         model: a `ParticleModel`.
@@ -149,7 +154,11 @@ def step(
     resampler = diffusion() if resampler is None else resampler
     constrain = _identity if constrain is None else constrain
     particles, log_weights, alive = state
-    resample_key, move_key = jax.random.split(key)
+    if isinstance(key, StepNoise):
+        resample_key, move_keys = key.resampling, key.move
+    else:
+        resample_key, move_key = jax.random.split(key)
+        move_keys = None
     # Once every particle has had weight zero the estimate is -inf whatever follows; the
     # cloud (often overflowing, e.g. an explosive transition) is replaced by a harmless
     # placeholder so that no resampler or density sees it: its NaN derivatives would
@@ -158,7 +167,8 @@ def step(
     particles, log_weights, ancestors, resampled = _resample(
         resample_key, log_weights, particles, resampler, ess_threshold, constrain
     )
-    move_keys = jax.random.split(move_key, particles.shape[0])
+    if move_keys is None:
+        move_keys = jax.random.split(move_key, particles.shape[0])
     new_particles, log_correction, log_likelihood = jax.vmap(
         lambda move, particle: model.propagate(move, particle, inputs)
     )(move_keys, particles)
@@ -386,7 +396,9 @@ def run_filter(
     has gradient zero.
 
     Args:
-        key: PRNG key.
+        key: PRNG key, or a `FilterNoise` of standard normals holding every random number
+            of the run (the model must then draw from noise, e.g.
+            `state_space_kernel(ssm, noise_driven=True)`, and the resampler take noise).
         model: a `ParticleModel`; it receives `StepInputs(time, observation, missing)`.
         observations: `(*B, T, *observation_shape)`; a time step of a series containing NaN
             is missing.
@@ -403,14 +415,18 @@ def run_filter(
         `FilterState` and the `FilterHistory` (None unless `store_history`).
     """
     inputs = _step_inputs(observations, tuple(batch_shape))
-    initial_key, steps_key = jax.random.split(key)
+    num_steps = inputs.time.shape[0]
+    if isinstance(key, FilterNoise):
+        initial_key, keys = key.initial, StepNoise(key.transition, key.resampling)
+    else:
+        initial_key, steps_key = jax.random.split(key)
+        keys = jax.random.split(steps_key, max(num_steps - 1, 0))
     state, first = init(
         initial_key,
         model,
         jax.tree.map(lambda values: values[0], inputs),
         num_particles=num_particles,
     )
-    num_steps = inputs.time.shape[0]
     if checkpoint is None:
         checkpoint = state.particles.size * num_steps > CHECKPOINT_SIZE
 
@@ -429,7 +445,6 @@ def run_filter(
             return state, (info._replace(ancestors=None), None)
         return state, (info, (state.particles, state.log_weights))
 
-    keys = jax.random.split(steps_key, max(num_steps - 1, 0))
     rest_inputs = jax.tree.map(lambda values: values[1:], inputs)
     final, (rest, stored) = jax.lax.scan(
         jax.checkpoint(body) if checkpoint else body, state, (keys, rest_inputs)

@@ -16,6 +16,7 @@ from numpyro.distributions import constraints
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.guards import guard, safe_log_prob
+from numpyro_diffres.noise_draws import draw_from_noise
 from numpyro_diffres.ssm import StateSpaceModel
 
 __all__ = ["series_log_prob", "state_space_kernel"]
@@ -28,13 +29,18 @@ class _StateSpaceKernel(NamedTuple):
     dtype: jnp.dtype | None
     constrain: Constrain
     batch_shape: tuple[int, ...] = ()
+    noise_driven: bool = False
 
     def initialize(self, key, num_particles, inputs):
         initial, initial_valid = guard(self.model.initial)
         if tuple(initial.batch_shape) != self.batch_shape:
             # A prior shared by all series (batch_shape ()) gives each series its own draw.
             initial = initial.expand(self.batch_shape)
-        particles = self.constrain(_cast(initial.sample(key, (num_particles,)), self.dtype))
+        if self.noise_driven:
+            drawn = jax.vmap(lambda noise: draw_from_noise(initial, noise))(key)
+        else:
+            drawn = initial.sample(key, (num_particles,))
+        particles = self.constrain(_cast(drawn, self.dtype))
         num_batch = len(self.batch_shape)
         log_likelihood = jax.vmap(
             lambda x: series_log_prob(
@@ -46,7 +52,8 @@ class _StateSpaceKernel(NamedTuple):
 
     def propagate(self, key, particle, inputs):
         num_batch = len(self.batch_shape)
-        new, log_correction = _move(self.model, key, particle, inputs, self.dtype, num_batch)
+        draw = draw_from_noise if self.noise_driven else _draw_from_key
+        new, log_correction = _move(self.model, key, particle, inputs, self.dtype, num_batch, draw)
         log_likelihood = series_log_prob(
             self.model.emission(new, inputs.time), inputs.observation, num_batch
         )
@@ -59,6 +66,7 @@ def state_space_kernel(
     dtype: DTypeLike | None = None,
     constrain: Constrain | None = None,
     batch_shape: tuple[int, ...] = (),
+    noise_driven: bool = False,
 ):
     """The `ParticleModel` of a `StateSpaceModel` (bootstrap, or guided with `proposal`).
 
@@ -69,12 +77,18 @@ def state_space_kernel(
             sharding constraint).
         batch_shape: the series shape $B$ of a model for many series (distributions with
             `batch_shape` $B$, see `StateSpaceModel.check`); `()` for one series.
+        noise_driven: draw from standard-normal noise (`noise_draws.draw_from_noise`) in
+            place of PRNG keys, for a filter run on a `FilterNoise`.
 
     Returns:
         An object with `initialize` and `propagate` (see `filtering.ParticleModel`).
     """
     return _StateSpaceKernel(
-        model, dtype, _identity if constrain is None else constrain, tuple(batch_shape)
+        model,
+        dtype,
+        _identity if constrain is None else constrain,
+        tuple(batch_shape),
+        noise_driven,
     )
 
 
@@ -152,13 +166,17 @@ def _move(
     inputs,
     dtype: jnp.dtype | None,
     num_batch: int,
+    draw: Callable,
 ) -> tuple[Array, Array]:
-    """Draw $x_t$ for one particle `(*B, *state_shape)`: `(new, log f - log q)` per series."""
+    """Draw $x_t$ for one particle `(*B, *state_shape)`: `(new, log f - log q)` per series.
+
+    `draw(distribution, key)` makes the draw: from a PRNG key, or from the particle's noise.
+    """
     time, observation = inputs.time, inputs.observation
     transition, transition_valid = guard(model.transition(x, time))
     batch_shape = x.shape[:num_batch]
     if model.proposal is None:
-        new = _cast(transition.sample(key), dtype)
+        new = _cast(draw(transition, key), dtype)
         correction = jnp.zeros(batch_shape, _weight_dtype(new))
     else:
         proposal, proposal_valid = guard(model.proposal(x, time, observation))
@@ -167,8 +185,8 @@ def _move(
         missing = jnp.broadcast_to(inputs.missing, batch_shape)
         new = jnp.where(
             missing.reshape(batch_shape + (1,) * (x.ndim - num_batch)),
-            _cast(transition.sample(key), dtype),
-            _cast(proposal.sample(key), dtype),
+            _cast(draw(transition, key), dtype),
+            _cast(draw(proposal, key), dtype),
         )
         correction = series_log_prob(transition, new, num_batch) - series_log_prob(
             proposal, new, num_batch
@@ -184,6 +202,10 @@ def _move(
         )
         correction = jnp.where(finite, correction, -jnp.inf)
     return new, correction
+
+
+def _draw_from_key(distribution, key: PRNGKey) -> Array:
+    return distribution.sample(key)
 
 
 def _identity(array: Array) -> Array:

@@ -24,6 +24,7 @@ from numpyro_diffres.resampling.optimal_transport import (
     optimal_transport,
 )
 from numpyro_diffres.resampling.soft import Soft, soft
+from numpyro_diffres.resampling.sorted import SortedSystematic, sorted_systematic
 from numpyro_diffres.resampling.stop_gradient import StopGradient, stop_gradient
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "OptimalTransport",
     "Resampler",
     "Soft",
+    "SortedSystematic",
     "StopGradient",
     "TransportInfo",
     "diffusion",
@@ -43,6 +45,7 @@ __all__ = [
     "multinomial",
     "optimal_transport",
     "soft",
+    "sorted_systematic",
     "stop_gradient",
     "stratified",
     "systematic",

@@ -7,13 +7,9 @@ import numpyro.distributions as dist
 import pytest
 
 import numpyro_diffres as ndr
-from numpyro_diffres.noise import (
-    FilterNoise,
-    draw_from_noise,
-    noise_filter,
-    noise_shape,
-    sorted_systematic,
-)
+from numpyro_diffres.noise import FilterNoise, noise_filter, noise_shape
+from numpyro_diffres.noise_draws import draw_from_noise
+from numpyro_diffres.resampling.sorted import sorted_ancestors
 
 
 def ar1(phi=0.8):
@@ -57,7 +53,7 @@ def test_resampling_copies_each_particle_by_its_weight():
     weights = jnp.array([0.05, 0.4, 0.05, 0.3, 0.2])
     particles = jnp.array([3.0, -1.0, 0.5, 2.0, -4.0])
     for uniform in (0.0, 0.37, 0.99):
-        ancestors = sorted_systematic(jnp.asarray(uniform), jnp.log(weights), particles)
+        ancestors = sorted_ancestors(jnp.asarray(uniform), jnp.log(weights), particles)
         counts = np.bincount(np.asarray(ancestors), minlength=5)
         expected = 5 * np.asarray(weights)
         assert np.all((counts >= np.floor(expected - 1e-6)) & (counts <= np.ceil(expected + 1e-6)))
