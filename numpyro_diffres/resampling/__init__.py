@@ -3,10 +3,12 @@
 `diffusion` is the differentiable default; the others are the baselines it is compared with.
 `adaptive` and `gradient_decay` wrap any resampler.
 
-Build resamplers with the lower-case factories. The classes they return (`Diffusion`,
-`IndexResampler`, ...) are exported too, for one reason: to ask what a resampler is
-(`isinstance(r, resampling.IndexResampler)` tells whether a scheme is differentiable, and
-`OptimalTransport.solve` returns its `TransportInfo`). Their constructors take no checks: the
+Build resamplers with the lower-case factories. Every resampler says what it is through two
+traits, which wrappers pass on from the resampler they wrap: `moves_particles` (its outputs are
+new points, as diffusion, optimal-transport and Gumbel-softmax resampling give) and
+`has_ancestors` (its outputs are input particles picked by index). Ask those rather than the
+class. The classes (`Diffusion`, `IndexResampler`, ...) are exported for their methods
+(`OptimalTransport.solve` returns its `TransportInfo`); their constructors take no checks: the
 factories are the public way to make one.
 """
 

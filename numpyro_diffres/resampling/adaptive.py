@@ -25,6 +25,16 @@ class Adaptive:
     resampler: Resampler
     threshold: float
 
+    @property
+    def moves_particles(self) -> bool:
+        """The wrapped resampler's `moves_particles`."""
+        return self.resampler.moves_particles
+
+    @property
+    def has_ancestors(self) -> bool:
+        """The wrapped resampler's `has_ancestors`."""
+        return self.resampler.has_ancestors
+
     def __call__(self, key: PRNGKey, log_weights: Array, particles: Array) -> tuple[Array, Array]:
         """Resample if the weights are degenerate enough, else return the input unchanged."""
         n = particles.shape[0]

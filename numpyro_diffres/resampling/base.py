@@ -24,7 +24,32 @@ class Resampler(Protocol):
 
     `particles` has shape `(N, *event_shape)` and `log_weights` shape `(N,)`, unnormalised.
     The output has the same shapes; its log-weights are normalised.
+
+    A resampler also says what kind it is, so that code outside `resampling/` can ask it
+    instead of testing its class (wrappers such as `adaptive` and `gradient_decay` report
+    their base resampler's traits).
     """
+
+    @property
+    def moves_particles(self) -> bool:
+        """Whether output particles are new points rather than copies of input particles.
+
+        True for diffusion, optimal-transport and Gumbel-softmax resampling, whose outputs
+        are interpolations of the input cloud: an integer or discrete state would be moved
+        off its values. False for index resamplers (multinomial, systematic, stratified) and
+        for those built on them (stop-gradient, soft), which copy input particles.
+        """
+        ...
+
+    @property
+    def has_ancestors(self) -> bool:
+        """Whether every output particle is one input particle picked by an ancestor index.
+
+        True for multinomial, systematic and stratified resampling and for stop-gradient and
+        soft resampling, which draw their ancestors with one of those: the particle
+        genealogy exists. False for resamplers that move particles.
+        """
+        ...
 
     def __call__(self, key: PRNGKey, log_weights: Array, particles: Array) -> tuple[Array, Array]:
         """Resample `particles` according to `log_weights`."""

@@ -45,6 +45,16 @@ class GradientDecay:
     resampler: Resampler
     factor: float
 
+    @property
+    def moves_particles(self) -> bool:
+        """The wrapped resampler's `moves_particles`."""
+        return self.resampler.moves_particles
+
+    @property
+    def has_ancestors(self) -> bool:
+        """The wrapped resampler's `has_ancestors`."""
+        return self.resampler.has_ancestors
+
     def __call__(self, key: PRNGKey, log_weights: Array, particles: Array) -> tuple[Array, Array]:
         """Resample with `resampler`; same values, derivatives multiplied by `factor`."""
         new_particles, new_log_weights = self.resampler(key, log_weights, particles)

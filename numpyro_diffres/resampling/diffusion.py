@@ -26,6 +26,7 @@ is an approximation of the weighted cloud, exact in its first two moments only i
 import dataclasses
 import math
 import numbers
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,9 @@ _COVARIANCES = ("auto", "diagonal", "full")
 @dataclasses.dataclass(frozen=True)
 class Diffusion:
     """Diffusion resampling; see `diffusion` for the arguments."""
+
+    moves_particles: ClassVar[bool] = True
+    has_ancestors: ClassVar[bool] = False
 
     num_steps: int
     time: float

@@ -6,6 +6,7 @@ draw as $\\tau \\to 0$. Differentiable, but biased for every $\\tau > 0$ (it shr
 """
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 
@@ -23,6 +24,9 @@ __all__ = ["GumbelSoftmax", "gumbel_softmax"]
 @dataclasses.dataclass(frozen=True)
 class GumbelSoftmax:
     """Gumbel-softmax resampling with temperature `tau`."""
+
+    moves_particles: ClassVar[bool] = True
+    has_ancestors: ClassVar[bool] = False
 
     tau: float
 

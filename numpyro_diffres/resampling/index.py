@@ -8,6 +8,7 @@ whenever an index flips. Systematic and stratified draws reuse `blackjax.smc.res
 
 import dataclasses
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,9 @@ class IndexResampler:
     Attributes:
         scheme: `"multinomial"`, `"systematic"` or `"stratified"`.
     """
+
+    moves_particles: ClassVar[bool] = False
+    has_ancestors: ClassVar[bool] = True
 
     scheme: str
 

@@ -13,7 +13,7 @@ $O(N^2 d)$ per Sinkhorn iteration.
 """
 
 import dataclasses
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +116,9 @@ _finite_gradient_or_none.defvjp(_finite_gradient_or_none_forward, _finite_gradie
 @dataclasses.dataclass(frozen=True)
 class OptimalTransport:
     """Entropy-regularised OT resampling; see `optimal_transport`."""
+
+    moves_particles: ClassVar[bool] = True
+    has_ancestors: ClassVar[bool] = False
 
     epsilon: float
     threshold: float

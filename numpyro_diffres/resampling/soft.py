@@ -8,6 +8,7 @@ gradient through the weights at all.
 
 import dataclasses
 import numbers
+from typing import ClassVar
 
 import jax.numpy as jnp
 
@@ -22,6 +23,9 @@ __all__ = ["Soft", "soft"]
 @dataclasses.dataclass(frozen=True)
 class Soft:
     """Soft resampling with mixing weight `alpha`."""
+
+    moves_particles: ClassVar[bool] = False
+    has_ancestors: ClassVar[bool] = True
 
     alpha: float
     base: IndexResampler

@@ -11,6 +11,7 @@ NUTS and SVI use, is not (it is a ratio of two estimates), only consistent as $N
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 
@@ -24,6 +25,9 @@ __all__ = ["StopGradient", "stop_gradient"]
 @dataclasses.dataclass(frozen=True)
 class StopGradient:
     """Stop-gradient resampling around an index resampler."""
+
+    moves_particles: ClassVar[bool] = False
+    has_ancestors: ClassVar[bool] = True
 
     base: IndexResampler
 
