@@ -31,8 +31,9 @@ saying what to change):
 * In the body: any number of latent sites per step, deterministic sites, plates, covariates
   and the time index through `xs`, pytree carries (flattened to one vector per particle),
   observed sites whose value contains NaN (missing at that step: they add 0). Floating-point
-  carries only under diffusion or optimal-transport resampling (they move particles to new
-  values): pass counters through `xs`, use an index resampler for discrete states.
+  carries only under a resampler whose `moves_particles` trait is true (diffusion, optimal
+  transport, Gumbel-softmax, and any wrapper of them: they move particles to new values):
+  pass counters through `xs`, use an index resampler for discrete states.
 * Static parameters sampled outside the scan stay ordinary sites (NUTS/SVI sample them).
   Observed sites after the scan must not depend on the scan's outputs.
 
@@ -63,9 +64,6 @@ from numpyro_diffres.checks import check_callable, check_count, check_fraction, 
 from numpyro_diffres.filtering import FilterResult, run_filter
 from numpyro_diffres.guards import safe_log_prob
 from numpyro_diffres.resampling import Resampler, adaptive, diffusion, systematic
-from numpyro_diffres.resampling.adaptive import Adaptive
-from numpyro_diffres.resampling.diffusion import Diffusion
-from numpyro_diffres.resampling.optimal_transport import OptimalTransport
 from numpyro_diffres.smoothing import (
     SMOOTHING_METHODS,
     backward_simulation,
@@ -368,8 +366,9 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
         for leaf in jax.tree.leaves(carry_shape):
             if not _floating(leaf):
                 raise ValueError(
-                    f"the scan carries a {leaf.dtype} array, which diffusion (or optimal-"
-                    "transport) resampling would move off its integer values. Pass counters "
+                    f"the scan carries a {leaf.dtype} array, which a resampler that moves "
+                    "particles (diffusion, optimal transport, Gumbel-softmax) would move off "
+                    "its integer values. Pass counters "
                     "such as the time index through xs (e.g. xs=(jnp.arange(T), y)), or use "
                     "an index resampler (resampling.systematic()) for discrete states."
                 )
@@ -951,14 +950,24 @@ def _floating(value) -> bool:
 
 def _discrete_message(site_name: str) -> str:
     return (
-        f"latent site {site_name!r} is discrete, and diffusion (or optimal-transport) "
-        "resampling moves particles to new, non-integer values. Use an index resampler "
-        "(resampler=numpyro_diffres.resampling.systematic()) or enumerate the site "
+        f"latent site {site_name!r} is discrete, and this resampler moves particles to new, "
+        "non-integer values (diffusion, optimal transport, Gumbel-softmax do). Use an index "
+        "resampler (resampler=numpyro_diffres.resampling.systematic()) or enumerate the site "
         "(numpyro.contrib.funsor) instead of marginalize."
     )
 
 
 def _moves_particles(resampler) -> bool:
-    while isinstance(resampler, Adaptive):
-        resampler = resampler.resampler
-    return isinstance(resampler, Diffusion | OptimalTransport)
+    """The resampler's `moves_particles` trait; a resampler that declares none is refused."""
+    try:
+        moves = resampler.moves_particles
+    except AttributeError:
+        moves = None
+    if not isinstance(moves, bool):
+        raise TypeError(
+            f"resampler {resampler!r} does not say whether it moves particles: marginalize "
+            "needs its moves_particles trait (a bool) to know whether discrete states survive "
+            "resampling. Build it with a numpyro_diffres.resampling factory, or set "
+            "moves_particles and has_ancestors on it (see resampling.Resampler)."
+        )
+    return moves

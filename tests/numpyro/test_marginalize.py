@@ -261,6 +261,31 @@ def test_models_it_cannot_marginalise_raise(model, match):
         numpyro.handlers.seed(marginalize(model, num_particles=4), 0)(y)
 
 
+@pytest.mark.parametrize(
+    "resampler",
+    [
+        resampling.gradient_decay(resampling.diffusion()),
+        resampling.gumbel_softmax(),
+        resampling.adaptive(resampling.gradient_decay(resampling.optimal_transport()), 0.5),
+    ],
+    ids=["gradient_decay(diffusion)", "gumbel_softmax", "adaptive(gradient_decay(ot))"],
+)
+@pytest.mark.parametrize(("model", "match"), [(_discrete, "is discrete"), (_integer_carry, "xs")])
+def test_every_resampler_that_moves_particles_refuses_discrete_states(resampler, model, match):
+    """Wrapped or not, a resampler that moves particles would move integers off their values."""
+    y = jnp.ones(6)
+    with pytest.raises(ValueError, match=match):
+        numpyro.handlers.seed(marginalize(model, num_particles=4, resampler=resampler), 0)(y)
+
+
+def test_a_resampler_that_does_not_say_what_it_is_is_refused():
+    def plain(key, log_weights, particles):
+        return particles, log_weights
+
+    with pytest.raises(TypeError, match="moves_particles"):
+        marginalize(x0_before_scan, num_particles=4, resampler=plain)
+
+
 def test_discrete_states_run_with_an_index_resampler():
     y = jnp.ones(6)
     traced = numpyro.handlers.trace(
