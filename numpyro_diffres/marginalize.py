@@ -36,6 +36,12 @@ saying what to change):
   pass counters through `xs`, use an index resampler for discrete states.
 * Static parameters sampled outside the scan stay ordinary sites (NUTS/SVI sample them).
   Observed sites after the scan must not depend on the scan's outputs.
+* Handlers around the scan: `condition` (with `data=` or `condition_fn=`) observes body
+  sites, a series of values giving one per step; `substitute(data=...)` naming a body site
+  is refused (the latent path is integrated out; observe data with `condition`); a
+  `substitute_fn` (as NUTS's initialisation and potential pass) sees the marginalised
+  model's sites, which do not include the body's; `mask` on the sites it evaluates is
+  refused (mark missing values with NaN).
 
 The scan returns the filtered mean of the final carry, and NaN (floating) or zero
 (integer) arrays for its stacked outputs `ys`: the latent path is integrated out.
@@ -267,11 +273,8 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
                 raise ValueError("scan over xs=None needs length=...")
             length = jnp.shape(leaves[0])[0]
         length = int(length)
-        conditions = [
-            data
-            for kind, data in (substitute_stack or [])
-            if kind == "condition" and isinstance(data, dict)
-        ]
+        conditions = [data for kind, data in (substitute_stack or []) if kind == "condition"]
+        substitutes = [data for kind, data in (substitute_stack or []) if kind == "substitute"]
         initial_form = bool(self._initial)
         if not initial_form and self._plan is None:
             init_leaves = jax.tree.leaves(init)
@@ -294,6 +297,7 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
         else:
             carry_shape = jax.eval_shape(lambda: init)
         info = body.inspect(carry_shape)
+        self._check_substitutes(substitutes, info)
         _, unravel = ravel_pytree(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), carry_shape))
         self._check_carry(carry_shape)
         name = self.name or info.first_observed
@@ -354,6 +358,31 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
             info.output_shape,
         )
         return (jnp.asarray(length), rng_key, final_carry), (PytreeTrace(factor_trace), ys)
+
+    def _check_substitutes(self, substitutes, info):
+        """Refuse `substitute(data=...)` entries that name the scan body's sites.
+
+        A substituted latent path is what the filter integrates out, and a substituted
+        observed value is data, which `condition` gives. With `latent_paths` the latent sites'
+        names are also deterministic sites of the marginalised model, which the substitute
+        handler outside sets as usual. A `substitute_fn` (as NUTS's initialisation and
+        potential pass) is asked about the marginalised model's sites only, which do not
+        include the body's.
+        """
+        recorded = set(info.latent_shapes) | set(info.deterministic_shapes)
+        body_sites = recorded | set(info.observed_names)
+        allowed = recorded if self.latent_paths else set()
+        for data in substitutes:
+            if not isinstance(data, dict):
+                continue
+            named = sorted(site for site in data if site in body_sites and site not in allowed)
+            if named:
+                raise ValueError(
+                    f"a substitute handler sets the scan body's site {named[0]!r}, which "
+                    "marginalize integrates out (a latent path is not a value it can fix). "
+                    "Observe data with condition(data=...), fix a latent path by dropping "
+                    "marginalize, or substitute only static sites outside the scan."
+                )
 
     def _resolve_key(self, rng_key):
         if self.key is not None:
@@ -438,6 +467,7 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
 
 class _BodyInfo(NamedTuple):
     first_observed: str
+    observed_names: tuple[str, ...]
     output_shape: Any
     latent_shapes: dict[str, jax.ShapeDtypeStruct]
     deterministic_shapes: dict[str, jax.ShapeDtypeStruct]
@@ -458,13 +488,9 @@ class _Body:
 
     def _run(self, key, carry, index, values=None):
         """Run the body once; `values` fixes latent sites (no draw for them)."""
-        data = {}
-        for condition in self.conditions:
-            for site_name, value in condition.items():
-                data[site_name] = value
         with handlers.block(), handlers.trace() as body_trace, _KeyedSites(key):
             with (
-                _IndexedCondition(data, index, self.length),
+                _IndexedCondition(self.conditions, index, self.length),
                 handlers.substitute(data=values or {}),
             ):
                 new_carry, output = self.f(carry, self._inputs(index))
@@ -524,7 +550,11 @@ class _Body:
                 f"{[shape for shape, _ in new]}. Draw x_0 with the shape of later states."
             )
         return _BodyInfo(
-            observed[0]["name"], output_shape, found["latent_shapes"], found["deterministic_shapes"]
+            observed[0]["name"],
+            tuple(site["name"] for site in observed),
+            output_shape,
+            found["latent_shapes"],
+            found["deterministic_shapes"],
         )
 
     def step(self, key, carry, index, record=False):
@@ -686,18 +716,36 @@ class _KeyedSites(Messenger):
 
 
 class _IndexedCondition(Messenger):
-    """Observe body sites named in a `condition(data=...)` outside: step `index` of a series."""
+    """Observe body sites as `condition` handlers outside say: step `index` of a series.
 
-    def __init__(self, data, index, length):
-        self.data = data
+    `conditions` holds, innermost first, each handler's `data` dict or `condition_fn`
+    (`site -> value or None`), as NumPyro's scan collects them; the outermost one that gives
+    a value wins, as on the handler stack (an outer handler processes the site last).
+    """
+
+    def __init__(self, conditions, index, length):
+        self.conditions = conditions
         self.index = index
         self.length = length
         super().__init__()
 
+    def _value(self, msg):
+        for condition in reversed(self.conditions):
+            if isinstance(condition, dict):
+                value = condition.get(msg["name"])
+            else:
+                value = condition(msg)
+            if value is not None:
+                return value
+        return None
+
     def process_message(self, msg):
-        if msg["type"] != "sample" or msg["name"] not in self.data:
+        if msg["type"] != "sample":
             return
-        value = jnp.asarray(self.data[msg["name"]])
+        value = self._value(msg)
+        if value is None:
+            return
+        value = jnp.asarray(value)
         event_ndim = len(msg["kwargs"]["sample_shape"]) + len(msg["fn"].shape())
         if value.ndim == event_ndim + 1 and value.shape[0] == self.length:
             value = jnp.take(value, self.index, axis=0)
