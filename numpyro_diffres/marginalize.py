@@ -63,7 +63,7 @@ from jax.extend import core as jax_core
 from jax.flatten_util import ravel_pytree
 from numpyro import handlers
 from numpyro.ops.pytree import PytreeTrace
-from numpyro.primitives import _PYRO_STACK, Messenger
+from numpyro.primitives import Messenger
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.checks import check_callable, check_count, check_fraction, check_key
@@ -88,10 +88,6 @@ class _Plan(NamedTuple):
 
     initial_sites: tuple[str, ...]
     prefix_observed: tuple[str, ...]
-
-
-class _ScanReached(Exception):
-    """Raised to stop a re-run of the model at its scan."""
 
 
 class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's handlers)
@@ -420,23 +416,19 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
 
         def run(key, values):
             """One particle: `(initial carry, log-weight)`; `values` fixes initial sites."""
-            stopper = _StopAtScan()
-            # The model's own wrappers (e.g. `marginalize(condition(model, ...))`) are already
-            # on NumPyro's handler stack: entered again here, the exception that stops the run
-            # makes their `__exit__` pop the stack from their first, outer entry. The stack
-            # must be what it was.
-            stack = list(_PYRO_STACK)
-            try:
-                with (
-                    handlers.block(),
-                    handlers.trace() as prefix_trace,
-                    handlers.substitute(data={**statics, **values}),
-                    _KeyedSites(key),
-                    stopper,
-                ):
-                    model(*args, **kwargs)
-            except _ScanReached:
-                _PYRO_STACK[:] = stack
+            # The scan is answered with placeholders and the model runs to its end: an
+            # exception stopping it at the scan would leave NumPyro's handler stack broken,
+            # as the model's own wrappers (e.g. `marginalize(condition(model, ...))`) are
+            # entered a second time here and pop the stack from their first entry on error.
+            stopper = _SkipScan()
+            with (
+                handlers.block(),
+                handlers.trace() as prefix_trace,
+                handlers.substitute(data={**statics, **values}),
+                _KeyedSites(key),
+                stopper,
+            ):
+                model(*args, **kwargs)
             log_weight = jnp.zeros((), jnp.result_type(float))
             for site_name in prefix_observed:
                 log_weight = log_weight + _observed_log_prob(prefix_trace[site_name])
@@ -753,17 +745,34 @@ class _IndexedCondition(Messenger):
         msg["is_observed"] = True
 
 
-class _StopAtScan(Messenger):
-    """Record the scan's initial carry and stop the model there."""
+class _SkipScan(Messenger):
+    """Record the first scan's initial carry and answer it with placeholders, not running it.
+
+    The scan returns its initial carry and zero (or false) stacked outputs, so the model's
+    code after it runs on values of the right shapes; their values are never used.
+    """
 
     def __init__(self):
         self.init = None
+        self.seen = False
         super().__init__()
 
     def process_message(self, msg):
-        if msg["type"] == "control_flow":
-            self.init = msg["args"][1]
-            raise _ScanReached
+        if msg["type"] != "control_flow":
+            return
+        f, init, xs, length, _ = msg["args"]
+        if not self.seen:
+            self.init = init
+            self.seen = True
+        if length is None:
+            length = jnp.shape(jax.tree.leaves(xs)[0])[0]
+        x0 = jax.tree.map(lambda a: jnp.asarray(a)[0], xs)
+        _, output = jax.eval_shape(
+            lambda c, x: handlers.block(handlers.seed(f, jax.random.PRNGKey(0)))(c, x), init, x0
+        )
+        ys = jax.tree.map(lambda a: jnp.zeros((length, *a.shape), a.dtype), output)
+        msg["value"] = ((length, None, init), (PytreeTrace({}), ys))
+        msg["stop"] = True
 
 
 class _Probe(Messenger):
@@ -850,13 +859,11 @@ def _probe(model, args, kwargs, declared) -> _Plan:
     traced = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.core.Tracer)]
 
     def count():
-        counter = _CountLatent()
-        with handlers.block(), handlers.seed(rng_seed=0), counter, _StopAtScan():
-            try:
-                model(*args, **kwargs)
-            except _ScanReached:
-                return counter.count, True
-        return counter.count, False
+        skipper = _SkipScan()
+        counter = _CountLatent(skipper)
+        with handlers.block(), handlers.seed(rng_seed=0), counter, skipper:
+            model(*args, **kwargs)
+        return counter.count, skipper.seen
 
     num_latent, has_scan = count()
     if not has_scan:
@@ -933,12 +940,15 @@ def _probe(model, args, kwargs, declared) -> _Plan:
 
 
 class _CountLatent(Messenger):
-    def __init__(self):
+    """Count the latent sites before the scan that `scan` (a `_SkipScan`) answers."""
+
+    def __init__(self, scan):
+        self.scan = scan
         self.count = 0
         super().__init__()
 
     def process_message(self, msg):
-        if msg["type"] == "sample" and not msg["is_observed"]:
+        if msg["type"] == "sample" and not msg["is_observed"] and not self.scan.seen:
             self.count += 1
 
 
