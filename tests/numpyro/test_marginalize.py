@@ -262,6 +262,31 @@ def test_models_it_cannot_marginalise_raise(model, match):
         numpyro.handlers.seed(marginalize(model, num_particles=4), 0)(y)
 
 
+@pytest.mark.parametrize(
+    "resampler",
+    [
+        resampling.gradient_decay(resampling.diffusion()),
+        resampling.gumbel_softmax(),
+        resampling.adaptive(resampling.gradient_decay(resampling.optimal_transport()), 0.5),
+    ],
+    ids=["gradient_decay(diffusion)", "gumbel_softmax", "adaptive(gradient_decay(ot))"],
+)
+@pytest.mark.parametrize(("model", "match"), [(_discrete, "is discrete"), (_integer_carry, "xs")])
+def test_every_resampler_that_moves_particles_refuses_discrete_states(resampler, model, match):
+    """Wrapped or not, a resampler that moves particles would move integers off their values."""
+    y = jnp.ones(6)
+    with pytest.raises(ValueError, match=match):
+        numpyro.handlers.seed(marginalize(model, num_particles=4, resampler=resampler), 0)(y)
+
+
+def test_a_resampler_that_does_not_say_what_it_is_is_refused():
+    def plain(key, log_weights, particles):
+        return particles, log_weights
+
+    with pytest.raises(TypeError, match="moves_particles"):
+        marginalize(x0_before_scan, num_particles=4, resampler=plain)
+
+
 def test_discrete_states_run_with_an_index_resampler():
     y = jnp.ones(6)
     traced = numpyro.handlers.trace(
@@ -296,6 +321,64 @@ def test_a_with_block_marginalises_x0_in_the_body(returns):
     )(returns)
     assert np.isfinite(values[0])
     assert_allclose(values[0], values[1], rtol=1e-6)
+
+
+def _unobserved_body(y, mu, phi, sigma):
+    """Stochastic volatility whose observed values come from a condition handler."""
+
+    def body(x, t):
+        x = numpyro.sample("x", dist.Normal(jnp.where(t == 0, mu, mu + phi * (x - mu)), sigma))
+        numpyro.sample("y", dist.Normal(0.0, jnp.exp(x / 2.0)))
+        return x, None
+
+    scan(body, jnp.zeros(()), jnp.arange(y.shape[0]))
+
+
+def test_condition_fn_observes_body_sites_as_condition_data_does(returns):
+    key = jax.random.PRNGKey(4)
+
+    def by_data(y):
+        conditioned = numpyro.handlers.condition(_unobserved_body, data={"y": y})
+        return marginalize(conditioned, num_particles=8, key=key, name="ll")(y, *TRUE)
+
+    def by_function(y):
+        conditioned = numpyro.handlers.condition(
+            _unobserved_body, condition_fn=lambda site: y if site["name"] == "y" else None
+        )
+        return marginalize(conditioned, num_particles=8, key=key, name="ll")(y, *TRUE)
+
+    values = [log_density(model, (returns,), {}, {})[0] for model in (by_data, by_function)]
+    assert np.isfinite(values[0])
+    assert np.array_equal(values[0], values[1])
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["outside", "inside"])
+def test_substituting_a_body_site_is_refused(returns, inside):
+    """A substituted latent path is what marginalize integrates out: it cannot be honoured."""
+    path = {"x": jnp.zeros(returns.shape[0] - 1)}
+    if inside:
+        model = marginalize(numpyro.handlers.substitute(x0_before_scan, data=path), num_particles=4)
+    else:
+        model = numpyro.handlers.substitute(marginalize(x0_before_scan, num_particles=4), path)
+    with pytest.raises(ValueError, match=r"substitute.*'x'"):
+        numpyro.handlers.seed(model, 0)(returns, *TRUE)
+
+
+def test_substituting_static_sites_is_honoured(returns):
+    key = jax.random.PRNGKey(4)
+
+    def statics(y):
+        mu = numpyro.sample("mu", dist.Normal())
+        x0_before_scan(y, mu, *TRUE[1:])
+
+    fixed = numpyro.handlers.substitute(
+        marginalize(statics, num_particles=8, key=key), data={"mu": TRUE[0]}
+    )
+    value = log_density(fixed, (returns,), {}, {})[0]
+    direct = log_density(
+        marginalize(x0_before_scan, num_particles=8, key=key), (returns, *TRUE), {}, {}
+    )[0]
+    assert_allclose(value - dist.Normal().log_prob(TRUE[0]), direct, rtol=1e-6)
 
 
 def test_bad_settings_raise():
