@@ -5,6 +5,9 @@ import sys
 
 import pytest
 
+# Second tier (make test-all): a benchmark's `--quick` smoke run, a compile-bound subprocess.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps is Linux's")
 def test_compiled_programs_add_maps_and_clearing_the_caches_removes_them(quick_benchmark):

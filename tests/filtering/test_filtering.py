@@ -175,6 +175,7 @@ def gradient_problem():
         return observations, np.asarray(exact)
 
 
+@pytest.mark.slow
 def test_diffusion_gradient_approaches_kalman_gradient(gradient_problem):
     observations, exact = gradient_problem
     errors = {}

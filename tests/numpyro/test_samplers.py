@@ -88,6 +88,7 @@ def simulated(num_steps=30):
     return ndr.simulate(jax.random.PRNGKey(0), model, num_steps)[1]
 
 
+@pytest.mark.slow
 def test_potential_is_deterministic_and_uses_a_fixed_key():
     y = simulated()
     model_info = initialize_model(jax.random.PRNGKey(3), particle_model, model_args=(y,))
