@@ -30,6 +30,7 @@ def conjugate_model(y):
     numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
 
+@pytest.mark.slow
 def test_blackjax_nuts_matches_a_conjugate_posterior(mcse_mean):
     y = jax.random.normal(jax.random.PRNGKey(0), (20,)) + 1.5
     precision = y.size + 1.0 / PRIOR_SCALE**2
