@@ -1,9 +1,13 @@
-# The two set-up commands a fresh machine needs: `make demo` and `make test`.
+# The two set-up commands a fresh machine needs: `make demo` and `make test`. `make test` is the
+# development tier (unit, oracle and small end-to-end tests, under 10 minutes with the install on
+# 2 cores); `make test-all` adds the tests marked `slow` (NUTS/SVI against exact posteriors, the
+# examples and the demo end to end, benchmark `--quick` runs, the long bias checks) and is what
+# CI runs (.ci/run).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint docs bench clean
+.PHONY: demo test test-all lint docs bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,9 +41,20 @@ PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --max-worker-r
 TEST_XLA_FLAGS := --xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1
 TEST_ENV := XLA_FLAGS="$(TEST_XLA_FLAGS) $$XLA_FLAGS"
 X64_TESTS = $(filter-out %/test_bad_input.py %/test_transforms.py,$(wildcard tests/resampling/test_*.py))
+# Both tiers run the same float64 rerun (the slow tests stay out of it, as before the tiers).
+# `-m` can select no test (pytest's exit status 5, e.g. with PYTEST_ARGS="-k ..."): not a failure.
+# PYTEST_ARGS goes to every pytest run, e.g. PYTEST_ARGS="--durations=30".
+PYTEST_ARGS ?=
+NO_TESTS_OK := || [ $$? -eq 5 ]
+X64_RERUN = $(TEST_ENV) JAX_ENABLE_X64=1 $(PYTEST) $(PYTEST_ARGS) -m "not slow and not fixed_precision" $(X64_TESTS) $(NO_TESTS_OK)
 test: $(VENV)/.installed-test
-	$(TEST_ENV) $(PYTEST)
-	$(TEST_ENV) JAX_ENABLE_X64=1 $(PYTEST) -m "not slow and not fixed_precision" $(X64_TESTS)
+	$(TEST_ENV) $(PYTEST) $(PYTEST_ARGS) -m "not slow" $(NO_TESTS_OK)
+	$(X64_RERUN)
+
+# One run of every test (not `make test` then the slow ones): the workers share the whole load.
+test-all: $(VENV)/.installed-test
+	$(TEST_ENV) $(PYTEST) $(PYTEST_ARGS) $(NO_TESTS_OK)
+	$(X64_RERUN)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

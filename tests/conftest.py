@@ -120,3 +120,22 @@ def _mcse_mean(draws):
 def mcse_mean():
     """`mcse_mean(draws)`: the Monte Carlo standard error of a chain's mean (ArviZ's ESS)."""
     return _mcse_mean
+
+
+# The two tiers (Makefile): `make test` leaves out the tests marked `slow`, `make test-all` runs
+# them too. A fast-tier test phase (setup or call) longer than this is named at the end of the run,
+# as a candidate for the `slow` marker; a note, not a failure, since a loaded machine can be slow.
+FAST_TIER_NOTE_S = 60.0
+_long_fast_tier_phases = []
+
+
+def pytest_runtest_logreport(report):
+    if report.duration > FAST_TIER_NOTE_S and "slow" not in report.keywords:
+        _long_fast_tier_phases.append(f"{report.duration:.1f}s {report.when} {report.nodeid}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _long_fast_tier_phases:
+        terminalreporter.write_sep("=", f"unmarked test phases over {FAST_TIER_NOTE_S:.0f} s")
+        for line in _long_fast_tier_phases:
+            terminalreporter.write_line(f"{line} (second tier? mark it slow)")

@@ -2,6 +2,11 @@
 
 import math
 
+import pytest
+
+# Second tier (make test-all): a benchmark's `--quick` smoke run, a compile-bound subprocess.
+pytestmark = pytest.mark.slow
+
 
 def test_quick_run_times_every_variant(quick_benchmark):
     report, table = quick_benchmark("cost")

@@ -2,6 +2,11 @@
 
 import math
 
+import pytest
+
+# Second tier (make test-all): a benchmark's `--quick` smoke run, a compile-bound subprocess.
+pytestmark = pytest.mark.slow
+
 PER_RUN_FIELDS = ("rmse", "rmse_subset", "filtering_kl", "gradient_norm", "parameter_error")
 
 

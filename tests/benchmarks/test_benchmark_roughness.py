@@ -2,6 +2,11 @@
 
 import math
 
+import pytest
+
+# Second tier (make test-all): a benchmark's `--quick` smoke run, a compile-bound subprocess.
+pytestmark = pytest.mark.slow
+
 
 def test_quick_run_mitigation_beats_default(quick_benchmark):
     report, table = quick_benchmark("roughness", timeout=900)

@@ -2,6 +2,11 @@
 
 import math
 
+import pytest
+
+# Second tier (make test-all): a benchmark's `--quick` smoke run, a compile-bound subprocess.
+pytestmark = pytest.mark.slow
+
 
 def test_quick_run_reports_chains_and_memory(quick_benchmark):
     report, table = quick_benchmark("stability")

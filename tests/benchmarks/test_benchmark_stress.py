@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 
 def test_outcomes_are_classified(benchmark_module):
     stress = benchmark_module("stress")
@@ -18,6 +20,7 @@ def test_outcomes_are_classified(benchmark_module):
     assert set(stress.BUGS) < set(stress.OUTCOMES)
 
 
+@pytest.mark.slow
 def test_quick_run_reports_every_case(quick_benchmark):
     report, table = quick_benchmark("stress")
     assert table.startswith("# Stress test")

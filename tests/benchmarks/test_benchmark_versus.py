@@ -4,6 +4,9 @@ import math
 
 import pytest
 
+# Second tier (make test-all): a benchmark's `--quick` smoke run, a compile-bound subprocess.
+pytestmark = pytest.mark.slow
+
 
 def test_quick_benchmark_reports_both_fits(quick_benchmark):
     report, table = quick_benchmark("versus_latent_nuts", timeout=600)

@@ -2,6 +2,11 @@
 
 import math
 
+import pytest
+
+# Second tier (make test-all): benchmark `--quick` smoke runs, compile-bound subprocesses.
+pytestmark = pytest.mark.slow
+
 RESAMPLERS = {
     "diffusion",
     "diffusion_per_particle",

@@ -37,6 +37,7 @@ def run(stem, arguments, tmp_path):
     return numbers
 
 
+@pytest.mark.slow
 def test_why_diffusion(tmp_path):
     steps = run(
         "why_diffusion",
@@ -52,6 +53,7 @@ def test_why_diffusion(tmp_path):
     assert steps["systematic"] > 5 * steps["diffusion"]
 
 
+@pytest.mark.slow
 def test_linear_gaussian(tmp_path):
     results = run(
         "linear_gaussian",
@@ -79,6 +81,7 @@ def assert_near_exact(results, label, prior_sd):
         assert particle_sd < 0.8 * sd, (name, label, particle_sd, sd)
 
 
+@pytest.mark.slow
 def test_stochastic_volatility(tmp_path):
     results = run(
         "stochastic_volatility",
@@ -96,6 +99,7 @@ def test_stochastic_volatility(tmp_path):
     assert results["filtered_rmse"] < 2 * results["path_sd"]
 
 
+@pytest.mark.slow
 def test_hierarchical_volatility(tmp_path):
     results = run(
         "hierarchical_volatility",
@@ -112,6 +116,7 @@ def test_hierarchical_volatility(tmp_path):
     assert results["mu_rmse"] < 0.8 * results["population_rmse"]
 
 
+@pytest.mark.slow
 def test_lotka_volterra(tmp_path):
     results = run(
         "lotka_volterra",
@@ -132,6 +137,7 @@ def test_lotka_volterra_data():
     assert pelts[0].tolist() == [30.0, 4.0] and pelts[-1].tolist() == [24.7, 8.6]
 
 
+@pytest.mark.slow
 def test_blackjax_nuts(tmp_path):
     results = run(
         "blackjax_nuts",

@@ -136,6 +136,7 @@ def test_diffusion_bias_shrinks_with_particles(make_params, seeds):
     assert bias_large + noise < bias_small, (bias_small, bias_large, noise)
 
 
+@pytest.mark.slow
 def test_missing_observations_match_the_model_without_them():
     params = scalar_params()
     observations = data(params, 30)
@@ -175,6 +176,7 @@ def gradient_problem():
         return observations, np.asarray(exact)
 
 
+@pytest.mark.slow
 def test_diffusion_gradient_approaches_kalman_gradient(gradient_problem):
     observations, exact = gradient_problem
     errors = {}
@@ -186,6 +188,7 @@ def test_diffusion_gradient_approaches_kalman_gradient(gradient_problem):
     assert errors[256] < 0.1, errors
 
 
+@pytest.mark.slow
 def test_stop_gradient_matches_and_naive_autodiff_is_biased(gradient_problem):
     observations, exact = gradient_problem
     seeds = 64

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import jax
@@ -102,6 +104,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sharded_particles_and_series_match_one_device(compile_fast_env):
     env = compile_fast_env("--xla_force_host_platform_device_count=4")
     env.pop("JAX_ENABLE_X64", None)

@@ -403,6 +403,7 @@ def test_bad_settings_raise():
 stochastic_volatility = sv_latent_model(record_path=True)
 
 
+@pytest.mark.slow
 def test_nuts_over_statics_agrees_with_nuts_over_all_latents(mcse_mean):
     _, returns = ndr.simulate(jax.random.PRNGKey(0), state_space_model(*TRUE), 50)
     latent = MCMC(NUTS(stochastic_volatility), num_warmup=400, num_samples=800, progress_bar=False)

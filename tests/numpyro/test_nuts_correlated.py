@@ -15,10 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import pytest
 from numpyro.infer import MCMC, NUTS
 
 import numpyro_diffres as ndr
 from numpyro_diffres import resampling
+
+# Second tier (make test-all): NUTS against an exact posterior.
+pytestmark = pytest.mark.slow
 
 T = 20
 ANGLE = 0.35

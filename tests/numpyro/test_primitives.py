@@ -132,6 +132,7 @@ def fit_svi(model, guide_class, observations, num_steps, **model_kwargs):
     return {name: float(value) for name, value in guide.median(params).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("guide_class", "num_steps"), [(autoguide.AutoDelta, 500), (autoguide.AutoNormal, 1000)]
 )
@@ -364,6 +365,7 @@ def scale_mcmc(observations):
     return mcmc
 
 
+@pytest.mark.slow
 def test_nuts_never_returns_nan_when_the_prior_covers_impossible_values(scale_mcmc):
     r = np.asarray(scale_mcmc.get_samples()["r"])
     assert r.shape == (80,)
@@ -372,6 +374,7 @@ def test_nuts_never_returns_nan_when_the_prior_covers_impossible_values(scale_mc
     assert np.all(r > 0)
 
 
+@pytest.mark.slow
 def test_arviz_log_likelihood_group_has_a_time_dimension(scale_mcmc):
     idata = az.from_numpyro(scale_mcmc)
     assert "log_likelihood" in idata.groups()

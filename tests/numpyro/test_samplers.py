@@ -30,6 +30,7 @@ def conjugate_model(y):
     numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
 
+@pytest.mark.slow
 def test_blackjax_nuts_matches_a_conjugate_posterior(mcse_mean):
     y = jax.random.normal(jax.random.PRNGKey(0), (20,)) + 1.5
     precision = y.size + 1.0 / PRIOR_SCALE**2
@@ -88,6 +89,7 @@ def simulated(num_steps=30):
     return ndr.simulate(jax.random.PRNGKey(0), model, num_steps)[1]
 
 
+@pytest.mark.slow
 def test_potential_is_deterministic_and_uses_a_fixed_key():
     y = simulated()
     model_info = initialize_model(jax.random.PRNGKey(3), particle_model, model_args=(y,))

@@ -13,6 +13,7 @@ from script_loader import load_script
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
+@pytest.mark.slow  # second tier: a compile-bound subprocess smoke run
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps is Linux's")
 def test_compiled_programs_add_maps_and_clearing_the_caches_removes_them(
     tmp_path, compile_fast_env
