@@ -1,4 +1,4 @@
-"""Which sampler when: every method on the same model, time to 400 ESS and error against a reference.
+"""Which sampler when: every method on one model, time to 400 ESS and error against a reference.
 
 Cases (`--cases`): the nonlinear growth model (T = 50, one static), stochastic volatility at
 T = 100 and T = 1000 (three statics), and a hierarchical growth model (10 series, a per-series
@@ -129,7 +129,8 @@ def hierarchy_latent_model(y):
 def hierarchy_observations(num_steps=50, seed=0):
     svs = jnp.exp(math.log(3.0) + 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 100), (10,)))
     keys = jax.random.split(jax.random.PRNGKey(seed), HIERARCHY_SERIES)
-    return jnp.stack([ndr.simulate(k, growth(sv), num_steps)[1] for k, sv in zip(keys, svs)])
+    paths = [ndr.simulate(k, growth(sv), num_steps)[1] for k, sv in zip(keys, svs, strict=True)]
+    return jnp.stack(paths)
 
 
 def case_settings(name, quick):
@@ -286,7 +287,7 @@ def run_method(method, case, reference, quick):
             ndr.infer.CorrelatedPMMH(model), case["data"], **common, **pm, chain_method="vectorized"
         )
     elif method == "particles_pmmh":
-        out = run_particles(case, reference, quick)
+        out = run_particles(case, reference)
     else:
         raise ValueError(method)
     out["num_particles"] = {
@@ -302,7 +303,7 @@ def run_method(method, case, reference, quick):
 # --- the outside reference: `particles` (NumPy) ------------------------------------------------
 
 
-def run_particles(case, reference, quick):
+def run_particles(case, reference):
     """PMMH of `particles` 0.4: one chain, its adaptive random walk, the same iterations."""
     from particles import distributions as dists  # noqa: PLC0415
     from particles import mcmc, state_space_models  # noqa: PLC0415
