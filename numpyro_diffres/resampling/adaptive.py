@@ -12,28 +12,17 @@ import jax
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.checks import check_callable, check_fraction
-from numpyro_diffres.resampling.base import Resampler
+from numpyro_diffres.resampling.base import Resampler, Wrapper
 from numpyro_diffres.weights import effective_sample_size, log_normalize
 
 __all__ = ["Adaptive", "adaptive"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Adaptive:
+class Adaptive(Wrapper):
     """Resample with `resampler` when ESS < `threshold * N`; see `adaptive`."""
 
-    resampler: Resampler
     threshold: float
-
-    @property
-    def moves_particles(self) -> bool:
-        """The wrapped resampler's `moves_particles`."""
-        return self.resampler.moves_particles
-
-    @property
-    def has_ancestors(self) -> bool:
-        """The wrapped resampler's `has_ancestors`."""
-        return self.resampler.has_ancestors
 
     def __call__(self, key: PRNGKey, log_weights: Array, particles: Array) -> tuple[Array, Array]:
         """Resample if the weights are degenerate enough, else return the input unchanged."""

@@ -1,7 +1,8 @@
 """The resampler protocol and the input checks every resampler shares."""
 
+import dataclasses
 import math
-from typing import NamedTuple, Protocol
+from typing import ClassVar, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,41 @@ class Resampler(Protocol):
     def __call__(self, key: PRNGKey, log_weights: Array, particles: Array) -> tuple[Array, Array]:
         """Resample `particles` according to `log_weights`."""
         ...
+
+
+class MovesParticles:
+    """Traits of a resampler whose outputs are new points (diffusion, OT, Gumbel-softmax)."""
+
+    moves_particles: ClassVar[bool] = True
+    has_ancestors: ClassVar[bool] = False
+
+
+class PicksAncestors:
+    """Traits of a resampler whose outputs are input particles picked by index."""
+
+    moves_particles: ClassVar[bool] = False
+    has_ancestors: ClassVar[bool] = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Wrapper:
+    """A resampler around another: it reports the traits of the one it wraps.
+
+    Attributes:
+        resampler: the wrapped resampler.
+    """
+
+    resampler: Resampler
+
+    @property
+    def moves_particles(self) -> bool:
+        """The wrapped resampler's `moves_particles`."""
+        return self.resampler.moves_particles
+
+    @property
+    def has_ancestors(self) -> bool:
+        """The wrapped resampler's `has_ancestors`."""
+        return self.resampler.has_ancestors
 
 
 class PreparedInput(NamedTuple):

@@ -28,7 +28,7 @@ import jax
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres._validation import check_fraction, check_kind
-from numpyro_diffres.resampling.base import Resampler
+from numpyro_diffres.resampling.base import Resampler, Wrapper
 
 __all__ = ["GradientDecay", "gradient_decay"]
 
@@ -39,21 +39,10 @@ def _damp(value: Array, factor: float) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class GradientDecay:
+class GradientDecay(Wrapper):
     """A resampler whose output carries `factor` times the derivative of `resampler`'s."""
 
-    resampler: Resampler
     factor: float
-
-    @property
-    def moves_particles(self) -> bool:
-        """The wrapped resampler's `moves_particles`."""
-        return self.resampler.moves_particles
-
-    @property
-    def has_ancestors(self) -> bool:
-        """The wrapped resampler's `has_ancestors`."""
-        return self.resampler.has_ancestors
 
     def __call__(self, key: PRNGKey, log_weights: Array, particles: Array) -> tuple[Array, Array]:
         """Resample with `resampler`; same values, derivatives multiplied by `factor`."""

@@ -25,7 +25,6 @@ is an approximation of the weighted cloud, exact in its first two moments only i
 
 import dataclasses
 import math
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +39,7 @@ from numpyro_diffres._validation import (
 )
 from numpyro_diffres.resampling.attention import attention, block_size
 from numpyro_diffres.resampling.base import (
+    MovesParticles,
     prepare,
     standard_draw,
     uniform_log_weights,
@@ -53,11 +53,8 @@ _COVARIANCES = ("auto", "diagonal", "full")
 
 
 @dataclasses.dataclass(frozen=True)
-class Diffusion:
+class Diffusion(MovesParticles):
     """Diffusion resampling; see `diffusion` for the arguments."""
-
-    moves_particles: ClassVar[bool] = True
-    has_ancestors: ClassVar[bool] = False
 
     num_steps: int
     time: float

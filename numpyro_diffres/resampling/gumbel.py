@@ -6,13 +6,13 @@ draw as $\\tau \\to 0$. Differentiable, but biased for every $\\tau > 0$ (it shr
 """
 
 import dataclasses
-from typing import ClassVar
 
 import jax
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres._validation import check_positive
 from numpyro_diffres.resampling.base import (
+    MovesParticles,
     prepare,
     standard_draw,
     uniform_log_weights,
@@ -22,11 +22,8 @@ __all__ = ["GumbelSoftmax", "gumbel_softmax"]
 
 
 @dataclasses.dataclass(frozen=True)
-class GumbelSoftmax:
+class GumbelSoftmax(MovesParticles):
     """Gumbel-softmax resampling with temperature `tau`."""
-
-    moves_particles: ClassVar[bool] = True
-    has_ancestors: ClassVar[bool] = False
 
     tau: float
 

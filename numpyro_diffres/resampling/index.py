@@ -8,13 +8,12 @@ whenever an index flips. Systematic and stratified draws reuse `blackjax.smc.res
 
 import dataclasses
 from collections.abc import Callable
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.resampling.base import prepare, uniform_log_weights
+from numpyro_diffres.resampling.base import PicksAncestors, prepare, uniform_log_weights
 
 __all__ = ["IndexResampler", "multinomial", "stratified", "systematic"]
 
@@ -56,15 +55,12 @@ _SCHEMES: dict[str, Callable[[PRNGKey, Array, int], Array]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class IndexResampler:
+class IndexResampler(PicksAncestors):
     """Resample by drawing ancestor indices.
 
     Attributes:
         scheme: `"multinomial"`, `"systematic"` or `"stratified"`.
     """
-
-    moves_particles: ClassVar[bool] = False
-    has_ancestors: ClassVar[bool] = True
 
     scheme: str
 

@@ -13,7 +13,7 @@ $O(N^2 d)$ per Sinkhorn iteration.
 """
 
 import dataclasses
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ import lineax
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres._validation import check_bool, check_positive
 from numpyro_diffres.resampling.base import (
+    MovesParticles,
     prepare,
     uniform_log_weights,
     whitening_scale,
@@ -114,11 +115,8 @@ _finite_gradient_or_none.defvjp(_finite_gradient_or_none_forward, _finite_gradie
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimalTransport:
+class OptimalTransport(MovesParticles):
     """Entropy-regularised OT resampling; see `optimal_transport`."""
-
-    moves_particles: ClassVar[bool] = True
-    has_ancestors: ClassVar[bool] = False
 
     epsilon: float
     threshold: float

@@ -7,25 +7,21 @@ gradient through the weights at all.
 """
 
 import dataclasses
-from typing import ClassVar
 
 import jax.numpy as jnp
 
 from numpyro_diffres._log_density import log_normalize
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres._validation import check_fraction, check_kind
-from numpyro_diffres.resampling.base import prepare
+from numpyro_diffres.resampling.base import PicksAncestors, prepare
 from numpyro_diffres.resampling.index import IndexResampler, multinomial
 
 __all__ = ["Soft", "soft"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Soft:
+class Soft(PicksAncestors):
     """Soft resampling with mixing weight `alpha`."""
-
-    moves_particles: ClassVar[bool] = False
-    has_ancestors: ClassVar[bool] = True
 
     alpha: float
     base: IndexResampler

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.scipy.special import ndtr
 
 from numpyro_diffres._typing import Array
-from numpyro_diffres.resampling.base import uniform_log_weights
+from numpyro_diffres.resampling.base import PicksAncestors, uniform_log_weights
 
 __all__ = ["SortedSystematic", "sorted_systematic"]
 
@@ -47,11 +47,9 @@ def sorted_ancestors(uniform: Array, log_weights: Array, particles: Array) -> Ar
 
 
 @dataclasses.dataclass(frozen=True)
-class SortedSystematic:
+class SortedSystematic(PicksAncestors):
     """Systematic resampling over sorted particles; `noise` is one standard normal."""
 
-    moves_particles: ClassVar[bool] = False
-    has_ancestors: ClassVar[bool] = True
     takes_noise: ClassVar[bool] = True
 
     def resample_with_ancestors(

@@ -11,24 +11,20 @@ NUTS and SVI use, is not (it is a ratio of two estimates), only consistent as $N
 
 import dataclasses
 import math
-from typing import ClassVar
 
 import jax
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres._validation import check_kind
-from numpyro_diffres.resampling.base import prepare
+from numpyro_diffres.resampling.base import PicksAncestors, prepare
 from numpyro_diffres.resampling.index import IndexResampler, systematic
 
 __all__ = ["StopGradient", "stop_gradient"]
 
 
 @dataclasses.dataclass(frozen=True)
-class StopGradient:
+class StopGradient(PicksAncestors):
     """Stop-gradient resampling around an index resampler."""
-
-    moves_particles: ClassVar[bool] = False
-    has_ancestors: ClassVar[bool] = True
 
     base: IndexResampler
 

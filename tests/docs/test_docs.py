@@ -94,8 +94,13 @@ def test_api_reference_documents_the_public_api(site):
         "primitives.sample_latent_paths",
         "marginalize.marginalize",
         "diagnostics.filter_surface",
-        "diagnostics.choose_num_particles",
-        "diagnostics.choose_marginal_num_particles",
+        "particle_counts.choose_num_particles",
+        "particle_counts.choose_marginal_num_particles",
+        "particle_counts.choose_pmmh_num_particles",
+        "infer.pmmh.PMMH",
+        "infer.pmmh.CorrelatedPMMH",
+        "noise.noise_filter",
+        "resampling.sorted.sorted_systematic",
     ):
         assert f'id="numpyro_diffres.{name}"' in html, name
 
