@@ -109,19 +109,7 @@ class StateSpaceModel:
         emission = _probe(self.emission, state, time)
         _check_scalar_batch("emission(x, t)", emission)
         emission_shape = tuple(emission["batch_shape"]) + tuple(emission["event_shape"])
-        if observation_shape is not None and tuple(observation_shape) != emission_shape:
-            raise ValueError(
-                f"observations have per-time shape {tuple(observation_shape)} but "
-                f"emission(x, t) is a distribution over shape {emission_shape}; observations "
-                f"must have shape (T, *{emission_shape})."
-            )
-        return ModelInfo(
-            state_shape=state_shape,
-            observation_shape=emission_shape,
-            transition_has_rsample=bool(transition["has_rsample"]),
-            initial_has_rsample=bool(self.initial.has_rsample),
-            state_dtype=state.dtype,
-        )
+        return self._info(state, state_shape, emission_shape, observation_shape, transition, ())
 
     def _check_series(
         self, observation_shape: tuple[int, ...] | None, batch_shape: tuple[int, ...]
@@ -174,16 +162,27 @@ class StateSpaceModel:
                 f"{state_shape}; they must agree."
             )
         emission_shape = tuple(found["emission"]["event_shape"])
+        return self._info(
+            state, state_shape, emission_shape, observation_shape, found["transition"], batch_shape
+        )
+
+    def _info(self, state, state_shape, emission_shape, observation_shape, transition, batch_shape):
+        """Check the observations' shape against the emission's; the `ModelInfo`."""
         if observation_shape is not None and tuple(observation_shape) != emission_shape:
+            per, series, leading = (
+                ("per-series, per-time", " per series", f"*{batch_shape}, ")
+                if batch_shape
+                else ("per-time", "", "")
+            )
             raise ValueError(
-                f"observations have per-series, per-time shape {tuple(observation_shape)} but "
-                f"emission(x, t) is a distribution over shape {emission_shape} per series; "
-                f"observations must have shape (*{batch_shape}, T, *{emission_shape})."
+                f"observations have {per} shape {tuple(observation_shape)} but "
+                f"emission(x, t) is a distribution over shape {emission_shape}{series}; "
+                f"observations must have shape ({leading}T, *{emission_shape})."
             )
         return ModelInfo(
             state_shape=state_shape,
             observation_shape=emission_shape,
-            transition_has_rsample=bool(found["transition"]["has_rsample"]),
+            transition_has_rsample=bool(transition["has_rsample"]),
             initial_has_rsample=bool(self.initial.has_rsample),
             state_dtype=state.dtype,
             batch_shape=batch_shape,
