@@ -1,12 +1,12 @@
 """The scan body of a `marginalize`d model, run for one particle under its own handlers.
 
-`Body` runs the body at one step with a particle's key and carry (the filter's move and
-weight), or with its latent sites fixed (the smoother's transition density); `BodyKernel`
-makes it the particle filter's kernel; `prefix_sampler` draws the initial state from the
-model's code before the scan.
+`Body` runs the body at one step with a particle's key, carry and the step's `xs` (the
+filter's move and weight), or with its latent sites fixed (the smoother's transition density);
+`BodyKernel` makes it the particle filter's kernel, reading the scan's `xs` from the filter's
+step inputs (`step_covariates`); `prefix_sampler` draws the initial state from the model's
+code before the scan.
 """
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -28,7 +28,7 @@ from numpyro_diffres._marginal_sites import (
 )
 from numpyro_diffres.guards import safe_log_prob
 
-__all__ = ["Body", "BodyInfo", "BodyKernel", "prefix_sampler"]
+__all__ = ["Body", "BodyInfo", "BodyKernel", "prefix_sampler", "step_covariates", "step_slice"]
 
 
 class BodyInfo(NamedTuple):
@@ -40,42 +40,35 @@ class BodyInfo(NamedTuple):
 
 
 class Body:
-    """The scan body run for one particle at one step, under its own handlers."""
+    """The scan body run for one particle at one step, under its own handlers.
 
-    def __init__(self, f, xs, length, conditions, moves_particles):
+    Each run takes the scan's step `index` (for conditioned per-step values) and that step's
+    slice `x` of the scan's `xs`.
+    """
+
+    def __init__(self, f, length, conditions, moves_particles):
         self.f = f
-        self.xs = xs
         self.length = length
         self.conditions = conditions
         self.moves_particles = moves_particles
 
-    def _inputs(self, index):
-        """The scan's `xs` at step `index`.
-
-        ADAPTER (issue 29 item 2): the scanned `xs` should reach the filter as its per-step
-        inputs. `run_filter(observations=...)` takes one array with NaN meaning missing (it
-        fills missing rows), not a pytree of covariates, integers and observations passed
-        through untouched, so the body reads `xs` here and the filter is handed zeros. Once
-        the core's `inputs` pytree exists, pass `xs` there and read it from `propagate`.
-        """
-        return jax.tree.map(lambda a: jnp.take(jnp.asarray(a), index, axis=0), self.xs)
-
-    def _run(self, key, carry, index, values=None):
+    def _run(self, key, carry, index, x, values=None):
         """Run the body once; `values` fixes latent sites (no draw for them)."""
         with handlers.block(), handlers.trace() as body_trace, KeyedSites(key):
             with (
                 IndexedCondition(self.conditions, index, self.length),
                 handlers.substitute(data=values or {}),
             ):
-                new_carry, output = self.f(carry, self._inputs(index))
+                new_carry, output = self.f(carry, x)
         return new_carry, output, body_trace
 
-    def inspect(self, carry_shape) -> BodyInfo:
-        """Trace the body once on abstract values and check what the handler supports."""
+    def inspect(self, carry_shape, x) -> BodyInfo:
+        """Trace the body once on abstract values (`x`: a step of `xs`) and check it."""
         found = {}
 
         def trace_once(carry):
-            new_carry, output, body_trace = self._run(jax.random.PRNGKey(0), carry, jnp.int32(0))
+            key = jax.random.PRNGKey(0)
+            new_carry, output, body_trace = self._run(key, carry, jnp.int32(0), x)
             found["trace"] = body_trace
             for kind, keep in (
                 ("latent_shapes", is_latent),
@@ -131,13 +124,13 @@ class Body:
             found["deterministic_shapes"],
         )
 
-    def step(self, key, carry, index, record=False):
+    def step(self, key, carry, index, x, record=False):
         """`(new particle vector, log_correction, log_likelihood)` for one particle.
 
         With `record`, the values of the latent and of the deterministic sites (two dicts) are
         appended as a fourth and fifth output.
         """
-        new_carry, _, body_trace = self._run(key, carry, index)
+        new_carry, _, body_trace = self._run(key, carry, index, x)
         new_carry = cast_like(new_carry, carry)
         flat, _ = ravel_pytree(new_carry)
         log_likelihood = jnp.zeros((), jnp.result_type(float))
@@ -158,9 +151,9 @@ class Body:
             return flat, log_correction, log_likelihood, latent, recorded
         return flat, log_correction, log_likelihood
 
-    def log_density(self, carry, index, values):
+    def log_density(self, carry, index, x, values):
         """`(new carry vector, log p(latent sites = values, observed sites | carry))`."""
-        new_carry, _, body_trace = self._run(jax.random.PRNGKey(0), carry, index, values)
+        new_carry, _, body_trace = self._run(jax.random.PRNGKey(0), carry, index, x, values)
         new_carry = cast_like(new_carry, carry)
         log_density = jnp.zeros((), jnp.result_type(float))
         for site in body_trace.values():
@@ -173,6 +166,9 @@ class Body:
 
 class BodyKernel:
     """The filter's kernel: particles are flattened carries, moved by the scan body.
+
+    Step $t$ runs the body at scan step $t - $ `offset` on `inputs.covariates`, the rows of
+    `step_covariates`.
 
     Args:
         body: the `Body`.
@@ -188,22 +184,44 @@ class BodyKernel:
         self.unravel = unravel
         self.offset = 0 if draw_first is None else 1
 
-    def initialize(self, key, num_particles, observation, missing):
-        """Initial particles `(N, d)` and log-weights `(N,)`."""
+    def initialize(self, key, num_particles, inputs):
+        """Initial particles `(N, d)` and unnormalised log-weights `(N,)`."""
         if self.draw_first is not None:
             carries, log_weights = self.draw_first(key, num_particles)
             particles = jax.vmap(lambda c: ravel_pytree(c)[0])(carries)
         else:
             keys = jax.random.split(key, num_particles)
             particles, log_correction, log_likelihood = jax.vmap(
-                lambda k: self.body.step(k, self.init, jnp.int32(0))
+                lambda k: self.body.step(k, self.init, jnp.int32(0), inputs.covariates)
             )(keys)
             log_weights = log_correction + log_likelihood
-        return particles, log_weights - math.log(num_particles)
+        return particles, log_weights
 
-    def propagate(self, key, particle, time, observation, missing):
-        """One particle through the body at step `time`."""
-        return self.body.step(key, self.unravel(particle), time - self.offset)
+    def propagate(self, key, particle, inputs):
+        """One particle through the body at step `inputs.time`."""
+        index = inputs.time - self.offset
+        return self.body.step(key, self.unravel(particle), index, inputs.covariates)
+
+
+def step_slice(xs, index):
+    """The scan's `xs` at scan step `index` (None for `xs=None`)."""
+    return jax.tree.map(lambda a: jnp.take(jnp.asarray(a), index, axis=0), xs)
+
+
+def step_covariates(xs, offset):
+    """The scan's `xs` as the filter's per-step covariates, one row per filter step.
+
+    With the initial state drawn before the scan (`offset` 1) the filter's step 0 runs no
+    body: a row of zeros stands in for it, and filter step $t$ gets `xs[t - 1]`.
+    """
+
+    def rows(a):
+        a = jnp.asarray(a)
+        if not offset:
+            return a
+        return jnp.concatenate([jnp.zeros((offset, *a.shape[1:]), a.dtype), a])
+
+    return jax.tree.map(rows, xs)
 
 
 def prefix_sampler(model, args, kwargs, statics, initial, prefix_observed):

@@ -1,6 +1,5 @@
 """Smoothed latent paths of a `marginalize`d scan (FFBSi or ancestor tracing)."""
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -8,15 +7,12 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from numpyro_diffres._marginal_body import step_slice
 from numpyro_diffres._marginal_sites import is_floating
 from numpyro_diffres._typing import Array
+from numpyro_diffres.filtering import run_filter
 from numpyro_diffres.resampling import systematic
-from numpyro_diffres.smoothing import (
-    backward_simulation,
-    forward_pass,
-    mark_impossible,
-    trace_genealogy,
-)
+from numpyro_diffres.smoothing import backward_simulation, mark_impossible, trace_genealogy
 
 __all__ = ["PathStart", "smoothed_sites"]
 
@@ -30,8 +26,10 @@ class PathStart(NamedTuple):
     carry_shape: Any
 
 
-def smoothed_sites(key, body, info, start, num_steps, num_particles, method) -> dict:
+def smoothed_sites(key, body, info, start, num_steps, covariates, num_particles, method) -> dict:
     """One smoothed draw of the latent sites, `{name: value}` with NUTS's shapes.
+
+    `covariates` are the filter's per-step rows of the scan's `xs` (`step_covariates`).
 
     A forward filter with systematic resampling stores, per particle and step, the carry and
     the latent sites' values (the initial sites at $t = 0$ in the form that draws them before
@@ -60,7 +58,7 @@ def smoothed_sites(key, body, info, start, num_steps, num_particles, method) -> 
         return ravel_pytree(parts)[0]
 
     class Kernel:
-        def initialize(self, key, num_particles, observation, missing):
+        def initialize(self, key, num_particles, inputs):
             if start.draw_first is not None:
                 carries, log_weights, initial = start.draw_first(key, num_particles, record=True)
                 carries = jax.vmap(lambda c: ravel_pytree(c)[0])(carries)
@@ -71,37 +69,37 @@ def smoothed_sites(key, body, info, start, num_steps, num_particles, method) -> 
             else:
                 keys = jax.random.split(key, num_particles)
                 carries, log_correction, log_likelihood, sites, recorded = jax.vmap(
-                    lambda k: body.step(k, start.init, jnp.int32(0), record=True)
+                    lambda k: body.step(k, start.init, jnp.int32(0), inputs.covariates, record=True)
                 )(keys)
                 log_weights = log_correction + log_likelihood
                 initial = no_initial
             particles = jax.vmap(pack, in_axes=(0, 0 if offset else None, 0, 0))(
                 carries, initial, sites, recorded
             )
-            return particles, log_weights - math.log(num_particles)
+            return particles, log_weights
 
-        def propagate(self, key, particle, time, observation, missing):
+        def propagate(self, key, particle, inputs):
             carry = unravel_carry(unravel(particle)["carry"])
             new, log_correction, log_likelihood, sites, recorded = body.step(
-                key, carry, time - offset, record=True
+                key, carry, inputs.time - offset, inputs.covariates, record=True
             )
             return pack(new, no_initial, sites, recorded), log_correction, log_likelihood
 
     def log_transition(particle, following, t):
         current, following = unravel(particle), unravel(following)
         carry, log_density = body.log_density(
-            unravel_carry(current["carry"]), t + 1 - offset, following["sites"]
+            unravel_carry(current["carry"]),
+            t + 1 - offset,
+            step_slice(covariates, t + 1),
+            following["sites"],
         )
-        target = following["carry"]
-        if is_floating(target):
-            tolerance = 1e3 * float(jnp.finfo(target.dtype).eps)
-            close = jnp.abs(carry - target) <= tolerance * (1.0 + jnp.abs(target))
-        else:
-            close = carry == target
-        return jnp.where(jnp.all(close) & jnp.isfinite(log_density), log_density, -jnp.inf)
+        possible = _same_carry(carry, following["carry"]) & jnp.isfinite(log_density)
+        return jnp.where(possible, log_density, -jnp.inf)
 
     observations = jnp.zeros((num_steps,), flat_carry.dtype)
-    paths = _draw_path(key, Kernel(), log_transition, observations, num_particles, method)
+    paths = _draw_path(
+        key, Kernel(), log_transition, observations, covariates, num_particles, method
+    )
     path = jax.vmap(unravel)(paths)
     values = {name: value[0] for name, value in path["initial"].items()}
     for part in ("sites", "recorded"):
@@ -109,12 +107,26 @@ def smoothed_sites(key, body, info, start, num_steps, num_particles, method) -> 
     return values
 
 
-def _draw_path(key, kernel, log_transition, observations, num_particles, method):
+def _same_carry(carry, target):
+    """Whether the re-run carry equals the stored one (to rounding for floating carries)."""
+    if is_floating(target):
+        tolerance = 1e3 * float(jnp.finfo(target.dtype).eps)
+        return jnp.all(jnp.abs(carry - target) <= tolerance * (1.0 + jnp.abs(target)))
+    return jnp.all(carry == target)
+
+
+def _draw_path(key, kernel, log_transition, observations, covariates, num_particles, method):
     """One smoothed path of flat particles `(T, d)`, NaN where no path was possible."""
     forward_key, draw_key, backward_key = jax.random.split(key, 3)
-    final, history = forward_pass(
-        forward_key, kernel, observations, num_particles, systematic(), True
-    )
+    final, history = run_filter(
+        forward_key,
+        kernel,
+        observations,
+        num_particles=num_particles,
+        resampler=systematic(),
+        covariates=covariates,
+        store_history=True,
+    )[1:]
     last = jax.random.categorical(draw_key, final.log_weights, shape=(1,))
     if method == "backward":
         paths, possible = backward_simulation(backward_key, log_transition, history, last)

@@ -21,7 +21,7 @@ unchanged; each series is normalised, resampled (with its own key) and summarise
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -384,6 +384,7 @@ def run_filter(
     batch_shape: tuple[int, ...] = (),
     checkpoint: bool | None = None,
     store_history: bool = False,
+    covariates: Any = None,
 ) -> FilterRun:
     """`init` at $t = 0$, then the scan of `step` over $t = 1..T-1$, for any `ParticleModel`.
 
@@ -399,7 +400,8 @@ def run_filter(
         key: PRNG key, or a `FilterNoise` of standard normals holding every random number
             of the run (the model must then draw from noise, e.g.
             `state_space_kernel(ssm, noise_driven=True)`, and the resampler take noise).
-        model: a `ParticleModel`; it receives `StepInputs(time, observation, missing)`.
+        model: a `ParticleModel`; it receives `StepInputs(time, observation, missing,
+            covariates)`.
         observations: `(*B, T, *observation_shape)`; a time step of a series containing NaN
             is missing.
         num_particles: $N$.
@@ -409,12 +411,15 @@ def run_filter(
         batch_shape: the series shape $B$, `()` for one series.
         checkpoint: see above.
         store_history: also return every cloud, its log-weights and the ancestors.
+        covariates: optional pytree of per-step inputs passed to the model untouched, each
+            leaf `(*B, T, ...)` like `observations`: step $t$ receives its rows $t$ as
+            `inputs.covariates` (None when not given).
 
     Returns:
         `FilterRun(result, state, history)`: the series-first `FilterResult`, the final
         `FilterState` and the `FilterHistory` (None unless `store_history`).
     """
-    inputs = _step_inputs(observations, tuple(batch_shape))
+    inputs = _step_inputs(observations, tuple(batch_shape), covariates)
     num_steps = inputs.time.shape[0]
     if isinstance(key, FilterNoise):
         initial_key, keys = key.initial, StepNoise(key.transition, key.resampling)
@@ -475,11 +480,12 @@ def _result(first: FilterInfo, rest: FilterInfo, num_batch: int) -> FilterResult
     return FilterResult(jnp.sum(increments, axis=-1), increments, ess, mean, variance)
 
 
-def _step_inputs(observations: Array, batch_shape: tuple[int, ...]) -> StepInputs:
+def _step_inputs(observations: Array, batch_shape: tuple[int, ...], covariates) -> StepInputs:
     """Time-first `StepInputs` of every step: times `(T,)`, observations `(T, *B, *event)`.
 
     A missing row is filled with a valid row of its own series, so that one series' NaN
-    padding never touches another's observations.
+    padding never touches another's observations. Covariate leaves `(*B, T, ...)` become
+    `(T, *B, ...)`.
     """
     num_batch = len(batch_shape)
     num_steps = observations.shape[num_batch]
@@ -488,4 +494,6 @@ def _step_inputs(observations: Array, batch_shape: tuple[int, ...]) -> StepInput
     missing, filled = jax.vmap(fill_missing)(flat)
     missing = jnp.moveaxis(missing, 1, 0).reshape((num_steps,) + batch_shape)
     filled = jnp.moveaxis(filled, 1, 0).reshape((num_steps,) + batch_shape + event_shape)
-    return StepInputs(jnp.arange(num_steps, dtype=jnp.int32), filled, missing)
+    if covariates is not None:
+        covariates = jax.tree.map(lambda a: jnp.moveaxis(jnp.asarray(a), num_batch, 0), covariates)
+    return StepInputs(jnp.arange(num_steps, dtype=jnp.int32), filled, missing, covariates)

@@ -61,14 +61,20 @@ from numpyro import handlers
 from numpyro.ops.pytree import PytreeTrace
 from numpyro.primitives import Messenger
 
-from numpyro_diffres._marginal_body import Body, BodyKernel, prefix_sampler
+from numpyro_diffres._marginal_body import (
+    Body,
+    BodyKernel,
+    prefix_sampler,
+    step_covariates,
+    step_slice,
+)
 from numpyro_diffres._marginal_paths import PathStart, smoothed_sites
 from numpyro_diffres._marginal_probe import Plan, probe_model
 from numpyro_diffres._marginal_sites import discrete_message, is_floating
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.checks import check_callable, check_count, check_fraction, check_key
 from numpyro_diffres.filtering import FilterResult, run_filter
-from numpyro_diffres.resampling import Resampler, adaptive, diffusion
+from numpyro_diffres.resampling import Resampler, diffusion
 from numpyro_diffres.smoothing import SMOOTHING_METHODS
 
 __all__ = ["marginalize"]
@@ -138,7 +144,7 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
         )
         self.moves_particles = _moves_particles(resampler)
         self.ess_threshold = check_fraction("ess_threshold", ess_threshold)
-        self.resampler = None if self.ess_threshold <= 0.0 else adaptive(resampler, ess_threshold)
+        self.resampler = resampler
         if key is not None:
             check_key(key)
         self.key = key
@@ -250,7 +256,7 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
         conditions = [data for kind, data in (substitute_stack or []) if kind == "condition"]
         substitutes = [data for kind, data in (substitute_stack or []) if kind == "substitute"]
         self._check_initial_carry(init)
-        body = Body(f, xs, length, conditions, self.moves_particles)
+        body = Body(f, length, conditions, self.moves_particles)
         draw_first = self._prefix_sampler() if self._initial else None
         if draw_first is not None:
             carry_shape = jax.eval_shape(
@@ -259,19 +265,25 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
             )
         else:
             carry_shape = jax.eval_shape(lambda: init)
-        info = body.inspect(carry_shape)
+        info = body.inspect(carry_shape, step_slice(xs, jnp.int32(0)))
         self._check_substitutes(substitutes, info)
         _, unravel = ravel_pytree(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), carry_shape))
         self._check_carry(carry_shape)
-        num_steps = length + (0 if draw_first is None else 1)
+        offset = 0 if draw_first is None else 1
+        num_steps = length + offset
+        covariates = step_covariates(xs, offset)
         key = self._resolve_key(rng_key)
+        # The data reach the filter as the scan's xs (covariates) and the body's observed
+        # sites; its observations are only a (T,) placeholder with nothing missing.
         result: FilterResult = run_filter(
             key,
             BodyKernel(body, init, draw_first, unravel),
             jnp.zeros((num_steps,), jnp.result_type(float)),
             num_particles=self.num_particles,
             resampler=self.resampler,
-        )
+            ess_threshold=self.ess_threshold,
+            covariates=covariates,
+        ).result
         paths = {}
         if self.latent_paths:
             start = PathStart(
@@ -286,6 +298,7 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
                 info,
                 start,
                 num_steps,
+                covariates,
                 self.num_particles,
                 self.smoothing,
             )

@@ -89,7 +89,14 @@ def particle_smoother(
         model, observations, num_particles, resampler, dtype
     )
     forward_key, draw_key, backward_key = jax.random.split(key, 3)
-    final, history = forward_pass(forward_key, kernel, observations, num_particles, resampler, True)
+    final, history = run_filter(
+        forward_key,
+        kernel,
+        observations,
+        num_particles=num_particles,
+        resampler=resampler,
+        store_history=True,
+    )[1:]
     last = jax.random.categorical(draw_key, final.log_weights, shape=(num_paths,))
     if method == "backward":
 
@@ -144,7 +151,9 @@ def forecast(
         model, observations, num_particles, resampler, dtype
     )
     forward_key, draw_key, ahead_key = jax.random.split(key, 3)
-    final, _ = forward_pass(forward_key, kernel, observations, num_particles, resampler, False)
+    final = run_filter(
+        forward_key, kernel, observations, num_particles=num_particles, resampler=resampler
+    ).state
     last = jax.random.categorical(draw_key, final.log_weights, shape=(num_paths,))
     start = final.particles[last]
     num_steps = observations.shape[0]
@@ -200,19 +209,6 @@ def _prepare(model, observations, num_particles, resampler, dtype):
             f"draws {info.state_dtype} states. Leave dtype=None for discrete states."
         )
     return state_space_kernel(model, dtype=dtype), observations, resampler, num_particles
-
-
-def forward_pass(key, kernel, observations, num_particles, resampler, store):
-    """`run_filter` with index resampling at every step: `(final state, history or None)`."""
-    run = run_filter(
-        key,
-        kernel,
-        observations,
-        num_particles=num_particles,
-        resampler=resampler,
-        store_history=store,
-    )
-    return run.state, run.history
 
 
 def backward_simulation(key, log_transition, history, last):
