@@ -338,18 +338,9 @@ def particle_filter(
         "numpyro_diffres.resampling.diffusion()",
     )
     batch_shape = check_batch_shape(batch_shape)
+    constrain = particle_constraint(particle_sharding, series_sharding, batch_shape, num_particles)
     observations = jnp.asarray(observations)
     dtype = check_model(model, observations, batch_shape, dtype)
-    if particle_sharding is not None and not isinstance(particle_sharding, jax.sharding.Sharding):
-        raise TypeError(
-            "particle_sharding must be a jax.sharding.Sharding (e.g. a NamedSharding over the "
-            f"particle axis) or None; got {particle_sharding!r}."
-        )
-    if series_sharding is not None and not batch_shape:
-        raise ValueError(
-            "series_sharding splits the series axes: it needs batch_shape=(S,) (many series)."
-        )
-    constrain = particle_constraint(particle_sharding, series_sharding, batch_shape, num_particles)
     kernel = state_space_kernel(model, dtype=dtype, constrain=constrain, batch_shape=batch_shape)
     return run_filter(
         key,

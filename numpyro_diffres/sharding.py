@@ -21,10 +21,20 @@ def particle_constraint(
         A function of one array, or None when neither sharding is given.
 
     Raises:
-        TypeError: `series_sharding` is not a `NamedSharding`.
-        ValueError: the particles or series do not split evenly, or the shardings are on
-            different meshes.
+        TypeError: `particle_sharding` is not a `Sharding`, `series_sharding` not a
+            `NamedSharding`.
+        ValueError: `series_sharding` without `batch_shape`, particles or series that do not
+            split evenly, or shardings on different meshes.
     """
+    if particle_sharding is not None and not isinstance(particle_sharding, jax.sharding.Sharding):
+        raise TypeError(
+            "particle_sharding must be a jax.sharding.Sharding (e.g. a NamedSharding over the "
+            f"particle axis) or None; got {particle_sharding!r}."
+        )
+    if series_sharding is not None and not batch_shape:
+        raise ValueError(
+            "series_sharding splits the series axes: it needs batch_shape=(S,) (many series)."
+        )
     if series_sharding is not None:
         sharding = _series_sharding(series_sharding, particle_sharding, batch_shape, num_particles)
     elif particle_sharding is not None:
