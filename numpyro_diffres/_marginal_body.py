@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from numpyro import handlers
 
+from numpyro_diffres._log_density import safe_log_prob
 from numpyro_diffres._marginal_probe import SkipScan
 from numpyro_diffres._marginal_sites import (
     IndexedCondition,
@@ -26,7 +27,6 @@ from numpyro_diffres._marginal_sites import (
     is_observed,
     observed_log_prob,
 )
-from numpyro_diffres.guards import safe_log_prob
 
 __all__ = ["Body", "BodyInfo", "BodyKernel", "prefix_sampler", "step_covariates", "step_slice"]
 

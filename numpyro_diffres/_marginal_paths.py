@@ -10,9 +10,8 @@ from jax.flatten_util import ravel_pytree
 from numpyro_diffres._marginal_body import step_slice
 from numpyro_diffres._marginal_sites import is_floating
 from numpyro_diffres._typing import Array
-from numpyro_diffres.filtering import run_filter
 from numpyro_diffres.resampling import systematic
-from numpyro_diffres.smoothing import backward_simulation, mark_impossible, trace_genealogy
+from numpyro_diffres.smoothing import draw_paths
 
 __all__ = ["PathStart", "smoothed_sites"]
 
@@ -117,19 +116,14 @@ def _same_carry(carry, target):
 
 def _draw_path(key, kernel, log_transition, observations, covariates, num_particles, method):
     """One smoothed path of flat particles `(T, d)`, NaN where no path was possible."""
-    forward_key, draw_key, backward_key = jax.random.split(key, 3)
-    final, history = run_filter(
-        forward_key,
+    return draw_paths(
+        key,
         kernel,
         observations,
         num_particles=num_particles,
         resampler=systematic(),
+        num_paths=1,
+        log_transition=log_transition,
+        method=method,
         covariates=covariates,
-        store_history=True,
-    )[1:]
-    last = jax.random.categorical(draw_key, final.log_weights, shape=(1,))
-    if method == "backward":
-        paths, possible = backward_simulation(backward_key, log_transition, history, last)
-    else:
-        paths, possible = trace_genealogy(history, last)
-    return mark_impossible(paths, possible & final.alive)[0]
+    )[0]

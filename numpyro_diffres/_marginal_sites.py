@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from numpyro.primitives import Messenger
 
+from numpyro_diffres._log_density import safe_log_prob
 from numpyro_diffres._typing import Array
-from numpyro_diffres.guards import safe_log_prob
 
 __all__ = [
     "IndexedCondition",

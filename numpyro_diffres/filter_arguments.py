@@ -6,10 +6,23 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from numpyro_diffres._typing import Array
-from numpyro_diffres.checks import particle_dtype
+from numpyro_diffres._validation import check_callable, particle_dtype
+from numpyro_diffres.resampling import Resampler, diffusion
 from numpyro_diffres.ssm import StateSpaceModel, warn_no_rsample
 
-__all__ = ["check_batch_shape", "check_model"]
+__all__ = ["check_batch_shape", "check_model", "check_resampler"]
+
+
+def check_resampler(resampler: Resampler | None) -> Resampler:
+    """The resampler to use: `None` means the default, `resampling.diffusion()`, everywhere."""
+    resampler = diffusion() if resampler is None else resampler
+    check_callable(
+        "resampler",
+        resampler,
+        "resampler(key, log_weights, particles)",
+        "numpyro_diffres.resampling.diffusion()",
+    )
+    return resampler
 
 
 def check_model(

@@ -27,14 +27,19 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from numpyro_diffres._log_density import (
+    effective_sample_size,
+    fill_missing,
+    log_normalize,
+    weighted_moments,
+)
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.checks import (
-    check_callable,
+from numpyro_diffres._validation import (
     check_count,
     check_fraction,
     check_optional_bool,
 )
-from numpyro_diffres.filter_arguments import check_batch_shape, check_model
+from numpyro_diffres.filter_arguments import check_batch_shape, check_model, check_resampler
 from numpyro_diffres.filter_types import (
     FilterHistory,
     FilterInfo,
@@ -46,12 +51,10 @@ from numpyro_diffres.filter_types import (
     align,
     per_series,
 )
-from numpyro_diffres.guards import fill_missing
 from numpyro_diffres.resampling import Resampler, diffusion
 from numpyro_diffres.sharding import particle_constraint
 from numpyro_diffres.ssm import StateSpaceModel
 from numpyro_diffres.ssm_kernel import state_space_kernel
-from numpyro_diffres.weights import effective_sample_size, log_normalize, weighted_moments
 
 __all__ = [
     "FilterHistory",
@@ -330,13 +333,7 @@ def particle_filter(
     num_particles = check_count("num_particles", num_particles, minimum=2)
     ess_threshold = check_fraction("ess_threshold", ess_threshold)
     checkpoint = check_optional_bool("checkpoint", checkpoint)
-    resampler = diffusion() if resampler is None else resampler
-    check_callable(
-        "resampler",
-        resampler,
-        "resampler(key, log_weights, particles)",
-        "numpyro_diffres.resampling.diffusion()",
-    )
+    resampler = check_resampler(resampler)
     batch_shape = check_batch_shape(batch_shape)
     constrain = particle_constraint(particle_sharding, series_sharding, batch_shape, num_particles)
     observations = jnp.asarray(observations)

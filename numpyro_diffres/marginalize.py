@@ -72,9 +72,10 @@ from numpyro_diffres._marginal_paths import PathStart, smoothed_sites
 from numpyro_diffres._marginal_probe import Plan, probe_model
 from numpyro_diffres._marginal_sites import discrete_message, is_floating
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.checks import check_callable, check_count, check_fraction, check_key
+from numpyro_diffres._validation import check_count, check_fraction, check_key
+from numpyro_diffres.filter_arguments import check_resampler
 from numpyro_diffres.filtering import FilterResult, run_filter
-from numpyro_diffres.resampling import Resampler, diffusion
+from numpyro_diffres.resampling import Resampler
 from numpyro_diffres.smoothing import SMOOTHING_METHODS
 
 __all__ = ["marginalize"]
@@ -135,13 +136,7 @@ class marginalize(Messenger):  # noqa: N801  (a handler, named like numpyro's ha
             raise ValueError(f"smoothing must be one of {SMOOTHING_METHODS}, got {smoothing!r}.")
         self.latent_paths = latent_paths
         self.smoothing = smoothing
-        resampler = diffusion() if resampler is None else resampler
-        check_callable(
-            "resampler",
-            resampler,
-            "resampler(key, log_weights, particles)",
-            "numpyro_diffres.resampling.diffusion()",
-        )
+        resampler = check_resampler(resampler)
         self.moves_particles = _moves_particles(resampler)
         self.ess_threshold = check_fraction("ess_threshold", ess_threshold)
         self.resampler = resampler

@@ -26,14 +26,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from numpyro_diffres._log_density import guard
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.checks import check_count, particle_dtype
+from numpyro_diffres._validation import check_count, particle_dtype
 from numpyro_diffres.filtering import run_filter, state_space_kernel
-from numpyro_diffres.guards import guard
 from numpyro_diffres.resampling import systematic
 from numpyro_diffres.ssm import StateSpaceModel
 
-__all__ = ["SMOOTHING_METHODS", "forecast", "particle_smoother"]
+__all__ = ["SMOOTHING_METHODS", "draw_paths", "forecast", "particle_smoother"]
 
 SMOOTHING_METHODS = ("backward", "genealogy")
 
@@ -88,6 +88,40 @@ def particle_smoother(
     kernel, observations, resampler, num_particles = _prepare(
         model, observations, num_particles, resampler, dtype
     )
+
+    def log_transition(x, x_next, t):
+        return _log_transition(model.transition(x, t + 1), x_next)
+
+    return draw_paths(
+        key,
+        kernel,
+        observations,
+        num_particles=num_particles,
+        resampler=resampler,
+        num_paths=num_paths,
+        log_transition=log_transition,
+        method=method,
+    )
+
+
+def draw_paths(
+    key: PRNGKey,
+    kernel,
+    observations: Array,
+    *,
+    num_particles: int,
+    resampler,
+    num_paths: int,
+    log_transition,
+    method: str,
+    covariates=None,
+) -> Array:
+    """Filter with the history stored, then draw `num_paths` smoothed paths from it.
+
+    The one smoothing routine of `particle_smoother` and `marginalize`'s latent paths:
+    `method` `"backward"` (backward simulation with `log_transition(x, x_next, t)`) or
+    `"genealogy"`. Returns `(num_paths, T, ...)`, NaN where no path was possible.
+    """
     forward_key, draw_key, backward_key = jax.random.split(key, 3)
     final, history = run_filter(
         forward_key,
@@ -95,14 +129,11 @@ def particle_smoother(
         observations,
         num_particles=num_particles,
         resampler=resampler,
+        covariates=covariates,
         store_history=True,
     )[1:]
     last = jax.random.categorical(draw_key, final.log_weights, shape=(num_paths,))
     if method == "backward":
-
-        def log_transition(x, x_next, t):
-            return _log_transition(model.transition(x, t + 1), x_next)
-
         paths, possible = backward_simulation(backward_key, log_transition, history, last)
     else:
         paths, possible = trace_genealogy(history, last)

@@ -14,8 +14,8 @@ import numpyro.distributions as dist
 from jax.typing import DTypeLike
 from numpyro.distributions import constraints
 
+from numpyro_diffres._log_density import guard, safe_log_prob
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.guards import guard, safe_log_prob
 from numpyro_diffres.noise_draws import draw_from_noise
 from numpyro_diffres.ssm import StateSpaceModel
 

@@ -10,10 +10,10 @@ import dataclasses
 
 import jax
 
+from numpyro_diffres._log_density import effective_sample_size, log_normalize
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.checks import check_callable, check_fraction
+from numpyro_diffres._validation import check_callable, check_fraction
 from numpyro_diffres.resampling.base import Resampler, Wrapper
-from numpyro_diffres.weights import effective_sample_size, log_normalize
 
 __all__ = ["Adaptive", "adaptive"]
 

@@ -7,8 +7,8 @@ from typing import ClassVar, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
+from numpyro_diffres._log_density import log_normalize
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.weights import log_normalize
 
 __all__ = [
     "PreparedInput",
