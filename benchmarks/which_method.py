@@ -460,11 +460,15 @@ def render(report):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short chains (a smoke run)")
-    parser.add_argument("--cases", nargs="+", default=["growth", "sv100", "sv1000"])
-    parser.add_argument("--methods", nargs="+", default=list(LABELS))
+    parser.add_argument("--cases", nargs="+", help="default: growth sv100 sv1000 (quick: growth)")
+    parser.add_argument("--methods", nargs="+", help="default: all (quick: the ndr kernels)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--reuse-references", action="store_true")
     args = parser.parse_args(argv)
+    if args.cases is None:
+        args.cases = ["growth"] if args.quick else ["growth", "sv100", "sv1000"]
+    if args.methods is None:
+        args.methods = ["pmmh", "pmmh_noise", "cpmmh"] if args.quick else list(LABELS)
     previous = json.loads(args.out.read_text()) if args.out.exists() else {"cases": {}}
     report = {"meta": run_metadata(quick=args.quick), "cases": dict(previous.get("cases", {}))}
     for name in args.cases:
