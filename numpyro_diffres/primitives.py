@@ -156,7 +156,12 @@ def particle_factor(
 def _register(name, result, resampler, plates, record, noise_driven=False) -> FilterResult:
     """The factor site (and recorded summaries) of a filter's result."""
     # `numpyro.factor`'s site, plus what pseudo-marginal kernels must know of the estimate.
-    unbiased = noise_driven or bool(getattr(resampler, "has_ancestors", False))
+    # Index resampling keeps the estimate unbiased; moving particles (diffusion, OT, Gumbel)
+    # or reweighting them (soft) does not.
+    unbiased = noise_driven or (
+        bool(getattr(resampler, "has_ancestors", False))
+        and not getattr(resampler, "reweights", False)
+    )
     info = {
         "unbiased": unbiased,
         "resampler": "diffusion() (the default)" if resampler is None else repr(resampler),

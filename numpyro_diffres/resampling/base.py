@@ -91,6 +91,11 @@ class Wrapper:
         """The wrapped resampler's `has_ancestors`."""
         return self.resampler.has_ancestors
 
+    @property
+    def reweights(self) -> bool:
+        """The wrapped resampler's `reweights` (False when it does not say)."""
+        return getattr(self.resampler, "reweights", False)
+
 
 class PreparedInput(NamedTuple):
     """Flattened, cleaned resampler input.

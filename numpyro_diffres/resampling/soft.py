@@ -7,6 +7,7 @@ gradient through the weights at all.
 """
 
 import dataclasses
+from typing import ClassVar
 
 import jax.numpy as jnp
 
@@ -22,6 +23,10 @@ __all__ = ["Soft", "soft"]
 @dataclasses.dataclass(frozen=True)
 class Soft(PicksAncestors):
     """Soft resampling with mixing weight `alpha`."""
+
+    # Its output log-weights are importance weights normalised over the drawn particles: a
+    # ratio, so a likelihood estimate built on them is not unbiased (PMMH refuses it).
+    reweights: ClassVar[bool] = True
 
     alpha: float
     base: IndexResampler

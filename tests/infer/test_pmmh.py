@@ -161,11 +161,35 @@ def test_warmup_adapts_the_random_walk_towards_the_target_rate():
     assert float(np.mean(unadapted.get_extra_fields()["accept_prob"])) < 0.05
 
 
-def test_a_biased_resampler_is_refused():
+@pytest.mark.parametrize(
+    "resampler",
+    [
+        ndr.resampling.diffusion(),
+        ndr.resampling.soft(0.5),
+        ndr.resampling.gumbel_softmax(0.5),
+        ndr.resampling.adaptive(ndr.resampling.soft(0.5), 0.5),
+    ],
+)
+def test_a_biased_resampler_is_refused(resampler):
     y = observations()
-    kernel = ndr.infer.PMMH(lambda y: particle_model(y, resampler=ndr.resampling.diffusion()))
+    kernel = ndr.infer.PMMH(lambda y: particle_model(y, resampler=resampler))
     with pytest.raises(ValueError, match="not unbiased"):
         kernel.init(jax.random.PRNGKey(0), 10, None, (y,), {})
+
+
+@pytest.mark.parametrize(
+    "resampler",
+    [
+        ndr.resampling.stratified(),
+        ndr.resampling.stop_gradient(ndr.resampling.multinomial()),
+        ndr.resampling.adaptive(ndr.resampling.systematic(), 0.5),
+    ],
+)
+def test_index_resamplers_are_accepted(resampler):
+    y = observations()
+    kernel = ndr.infer.PMMH(lambda y: particle_model(y, resampler=resampler))
+    state = kernel.init(jax.random.PRNGKey(0), 10, None, (y,), {})
+    assert jnp.isfinite(state.log_likelihood)
 
 
 def test_correlated_kernel_needs_noise_sites():
