@@ -1,16 +1,82 @@
-"""The argument checks of `particle_filter`: series shape, observations against the model."""
+"""The argument checks of `particle_filter`: counts, series shape, observations, the model."""
 
 import numbers
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from numpyro_diffres._typing import Array
-from numpyro_diffres._validation import check_callable, particle_dtype
+from numpyro_diffres._validation import (
+    check_callable,
+    check_count,
+    check_fraction,
+    check_optional_bool,
+    particle_dtype,
+)
+from numpyro_diffres.filter_types import ParticleModel
 from numpyro_diffres.resampling import Resampler, diffusion
+from numpyro_diffres.sharding import particle_constraint
 from numpyro_diffres.ssm import StateSpaceModel, warn_no_rsample
+from numpyro_diffres.ssm_kernel import state_space_kernel
 
-__all__ = ["check_batch_shape", "check_model", "check_resampler"]
+__all__ = [
+    "check_batch_shape",
+    "check_kernel",
+    "check_model",
+    "check_resampler",
+    "check_run_options",
+]
+
+
+def check_run_options(
+    num_particles: int,
+    ess_threshold: float,
+    checkpoint: bool | None,
+    resampler: Resampler | None,
+    batch_shape: tuple[int, ...],
+) -> dict[str, Any]:
+    """Check `particle_filter`'s counts and options (see there): `run_filter`'s keywords."""
+    return {
+        "num_particles": check_count("num_particles", num_particles, minimum=2),
+        "ess_threshold": check_fraction("ess_threshold", ess_threshold),
+        "checkpoint": check_optional_bool("checkpoint", checkpoint),
+        "resampler": check_resampler(resampler),
+        "batch_shape": check_batch_shape(batch_shape),
+    }
+
+
+def check_kernel(
+    model: StateSpaceModel,
+    observations: Array,
+    options: dict[str, Any],
+    particle_sharding: jax.sharding.Sharding | None,
+    series_sharding: jax.sharding.NamedSharding | None,
+    dtype: DTypeLike | None,
+) -> tuple[ParticleModel, Array, dict[str, Any]]:
+    """Check the shardings and the model of `particle_filter` (see there); build its kernel.
+
+    Args:
+        model: the state-space model.
+        observations: the observations, as given.
+        options: what `check_run_options` returned.
+        particle_sharding: see `particle_filter`.
+        series_sharding: see `particle_filter`.
+        dtype: see `particle_filter`.
+
+    Returns:
+        `(kernel, observations, options)`: the model's `state_space_kernel`, the observations
+        as an array and `options` with the sharding constraint added.
+    """
+    batch_shape = options["batch_shape"]
+    constrain = particle_constraint(
+        particle_sharding, series_sharding, batch_shape, options["num_particles"]
+    )
+    observations = jnp.asarray(observations)
+    dtype = check_model(model, observations, batch_shape, dtype)
+    kernel = state_space_kernel(model, dtype=dtype, constrain=constrain, batch_shape=batch_shape)
+    return kernel, observations, {**options, "constrain": constrain}
 
 
 def check_resampler(resampler: Resampler | None) -> Resampler:

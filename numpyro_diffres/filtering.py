@@ -34,12 +34,7 @@ from numpyro_diffres._log_density import (
     weighted_moments,
 )
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres._validation import (
-    check_count,
-    check_fraction,
-    check_optional_bool,
-)
-from numpyro_diffres.filter_arguments import check_batch_shape, check_model, check_resampler
+from numpyro_diffres.filter_arguments import check_kernel, check_run_options
 from numpyro_diffres.filter_types import (
     FilterHistory,
     FilterInfo,
@@ -52,7 +47,6 @@ from numpyro_diffres.filter_types import (
     per_series,
 )
 from numpyro_diffres.resampling import Resampler, diffusion
-from numpyro_diffres.sharding import particle_constraint
 from numpyro_diffres.ssm import StateSpaceModel
 from numpyro_diffres.ssm_kernel import state_space_kernel
 
@@ -330,26 +324,11 @@ def particle_filter(
             `series_sharding` is not a `NamedSharding`, `dtype` is not a floating dtype, or
             `checkpoint` is not a bool or None.
     """
-    num_particles = check_count("num_particles", num_particles, minimum=2)
-    ess_threshold = check_fraction("ess_threshold", ess_threshold)
-    checkpoint = check_optional_bool("checkpoint", checkpoint)
-    resampler = check_resampler(resampler)
-    batch_shape = check_batch_shape(batch_shape)
-    constrain = particle_constraint(particle_sharding, series_sharding, batch_shape, num_particles)
-    observations = jnp.asarray(observations)
-    dtype = check_model(model, observations, batch_shape, dtype)
-    kernel = state_space_kernel(model, dtype=dtype, constrain=constrain, batch_shape=batch_shape)
-    return run_filter(
-        key,
-        kernel,
-        observations,
-        num_particles=num_particles,
-        resampler=resampler,
-        ess_threshold=ess_threshold,
-        constrain=constrain,
-        batch_shape=batch_shape,
-        checkpoint=checkpoint,
-    ).result
+    options = check_run_options(num_particles, ess_threshold, checkpoint, resampler, batch_shape)
+    kernel, observations, options = check_kernel(
+        model, observations, options, particle_sharding, series_sharding, dtype
+    )
+    return run_filter(key, kernel, observations, **options).result
 
 
 class FilterRun(NamedTuple):
@@ -377,12 +356,8 @@ def run_filter(
     """`init` at $t = 0$, then the scan of `step` over $t = 1..T-1$, for any `ParticleModel`.
 
     The one forward loop of the package: `particle_filter`, the smoother and the forecast
-    run on it. Arguments are checked by the callers. With `checkpoint` each step is
-    rematerialised in the reverse pass (`jax.checkpoint`), so the gradient keeps one cloud per
-    time step rather than every intermediate of the resampler, at the price of running every
-    step's forward pass twice; `None` checkpoints when the filter holds more than
-    `CHECKPOINT_SIZE` particle coordinates over all steps. A $-\\infty$ estimate (per series)
-    has gradient zero.
+    run on it. Arguments are checked by the callers. A $-\\infty$ estimate (per series) has
+    gradient zero.
 
     Args:
         key: PRNG key, or a `FilterNoise` of standard normals holding every random number
@@ -397,7 +372,7 @@ def run_filter(
         ess_threshold: see `step`; 0.0 never resamples.
         constrain: optional function applied to arrays with a leading particle axis.
         batch_shape: the series shape $B$, `()` for one series.
-        checkpoint: see above.
+        checkpoint: see `particle_filter`; None decides by size (`CHECKPOINT_SIZE`).
         store_history: also return every cloud, its log-weights and the ancestors.
         covariates: optional pytree of per-step inputs passed to the model untouched, each
             leaf `(*B, T, ...)` like `observations`: step $t$ receives its rows $t$ as
@@ -422,6 +397,23 @@ def run_filter(
     )
     if checkpoint is None:
         checkpoint = state.particles.size * num_steps > CHECKPOINT_SIZE
+    body = _scan_body(model, resampler, ess_threshold, constrain, store_history)
+    rest_inputs = jax.tree.map(lambda values: values[1:], inputs)
+    final, (rest, stored) = jax.lax.scan(
+        jax.checkpoint(body) if checkpoint else body, state, (keys, rest_inputs)
+    )
+    history = None
+    if store_history:
+        history = FilterHistory(
+            jnp.concatenate([state.particles[None], stored[0]]),
+            jnp.concatenate([state.log_weights[None], stored[1]]),
+            rest.ancestors,
+        )
+    return FilterRun(_result(first, rest, len(tuple(batch_shape))), final, history)
+
+
+def _scan_body(model, resampler, ess_threshold, constrain, store_history):
+    """The scanned function of `run_filter`: one `step`, and what the scan stacks of it."""
 
     def body(state, scanned):
         step_key, step_inputs = scanned
@@ -438,18 +430,7 @@ def run_filter(
             return state, (info._replace(ancestors=None), None)
         return state, (info, (state.particles, state.log_weights))
 
-    rest_inputs = jax.tree.map(lambda values: values[1:], inputs)
-    final, (rest, stored) = jax.lax.scan(
-        jax.checkpoint(body) if checkpoint else body, state, (keys, rest_inputs)
-    )
-    history = None
-    if store_history:
-        history = FilterHistory(
-            jnp.concatenate([state.particles[None], stored[0]]),
-            jnp.concatenate([state.log_weights[None], stored[1]]),
-            rest.ancestors,
-        )
-    return FilterRun(_result(first, rest, len(tuple(batch_shape))), final, history)
+    return body
 
 
 def _result(first: FilterInfo, rest: FilterInfo, num_batch: int) -> FilterResult:
