@@ -200,7 +200,11 @@ def surface(
     values, gradients = jax.jit(fixed)(fixed_key, offsets, directions)
     averaged = jax.vmap(jax.vmap(jax.vmap(along, (None, 0, None)), (0, None, None)), (None, 0, 0))
     many = np.asarray(jax.jit(averaged)(other_keys, offsets, directions), np.float64)
+    return _report(names, offsets, values, gradients, many, num_keys)
 
+
+def _report(names, offsets, values, gradients, many, num_keys) -> SurfaceReport:
+    """The `SurfaceReport` of `surface`'s evaluations (`many`: the other keys' values)."""
     offsets = np.asarray(offsets, np.float64)
     values = np.asarray(values, np.float64)
     gradients = np.asarray(gradients, np.float64)
