@@ -297,6 +297,22 @@ def choose_pmmh_num_particles(
         target_sd = PMMH_TARGET_SD if correlation == 0.0 else 1.0
     model_kwargs = {} if model_kwargs is None else model_kwargs
 
+    log_likelihood_at = _pmmh_log_likelihood(
+        model, model_args, model_kwargs, params, num_particles_argument, correlation
+    )
+    return _num_particles_rule(key, log_likelihood_at, target_sd, initial, max_particles, num_keys)
+
+
+def _pmmh_log_likelihood(
+    model: Callable,
+    model_args: tuple,
+    model_kwargs: dict[str, Any],
+    params: dict[str, Any],
+    num_particles_argument: str,
+    correlation: float,
+) -> Callable[[int], Callable[[PRNGKey], Array]]:
+    """`N -> (key -> what the accept step sees)` of `choose_pmmh_num_particles` (see there)."""
+
     def log_likelihood_at(num_particles: int) -> Callable[[PRNGKey], Array]:
         kwargs = {**model_kwargs, num_particles_argument: num_particles}
 
@@ -332,7 +348,7 @@ def choose_pmmh_num_particles(
 
         return one
 
-    return _num_particles_rule(key, log_likelihood_at, target_sd, initial, max_particles, num_keys)
+    return log_likelihood_at
 
 
 def _check_params(params: object) -> None:
