@@ -79,45 +79,32 @@ def particle_factor(
     so the model's log density gains the estimate of $\\log p(y_{0:T-1} \\mid \\theta)$ and
     ArviZ gets a time-indexed `log_likelihood` group (for `az.loo` / `az.waic` over time steps).
 
-    Key semantics: an explicit `key` wins; otherwise `numpyro.prng_key()` (fresh per SVI step,
-    fixed under NUTS: the fixed-noise surrogate described in the module docstring); otherwise,
-    with no seed handler, the fixed key `jax.random.PRNGKey(0)`.
-
-    Many series: called inside `numpyro.plate("series", S)` (or nested plates of shape $B$,
-    laid out by their `dim`s as NumPyro broadcasts parameters), the model's callables close
-    over parameters with a leading series axis and describe the stack of all series' states
-    (see `StateSpaceModel.check`), `observations` have shape `(*B, T, *observation_shape)`
-    (shorter series NaN-padded at the end), and one batched filter runs every series with
-    its own noise. The factor has shape `(*B, T)`: per-series, per-time terms for
-    `log_likelihood` and ArviZ (the plates do not broadcast it).
+    Many series: inside `numpyro.plate("series", S)` (or nested plates of shape $B$, laid out
+    by their `dim`s) one batched filter runs every series, as `particle_filter` with
+    `batch_shape` $B$: `observations` are `(*B, T, ...)` and the factor `(*B, T)`, per-series,
+    per-time terms for `log_likelihood` and ArviZ (the plates do not broadcast it).
 
     Args:
         name: site name of the factor; must be unique in the model.
-        model: the state-space model, typically built inside the NumPyro model from sampled
-            parameters.
+        model: the state-space model, typically built from the NumPyro model's sampled parameters.
         observations: `(T, *observation_shape)`; NaN rows are missing.
         num_particles: $N$.
         resampler: default `resampling.diffusion()` (differentiable; index resamplers make
             the fixed-key surface piecewise constant, which NUTS cannot sample).
-        key: optional explicit PRNG key.
+        key: optional explicit PRNG key; else `numpyro.prng_key()` (fresh per SVI step, fixed
+            under NUTS: see the module docstring); else, with no seed handler, `PRNGKey(0)`.
         ess_threshold: see `particle_filter`; keep 1.0 under NUTS.
         record: also record `{name}_filtered_mean`, `{name}_filtered_variance` and
             `{name}_ess` as `numpyro.deterministic` sites.
-        particle_sharding: optional sharding of the particle axis across devices; see
-            `particle_filter`.
-        dtype: optional floating dtype of the particles, e.g. `jnp.float32` to run the filter
-            in single precision while NUTS works in float64; see `particle_filter`.
-        series_sharding: optional sharding of the series axis across devices (inside a
-            plate); see `particle_filter`.
-        checkpoint: recompute each step in the gradient's reverse pass (less memory, more
-            time); default None decides by size, see `particle_filter`.
+        particle_sharding: sharding of the particle axis; see `particle_filter`.
+        dtype: floating dtype of the particles (float32 under float64 NUTS); see `particle_filter`.
+        series_sharding: sharding of the series axis (inside a plate); see `particle_filter`.
+        checkpoint: recompute each step in the reverse pass; see `particle_filter`.
         noise: None (the filter draws its randomness from the key), or `"sampled"`: every
             random number of the filter becomes one latent site `{name}_noise` of standard
             normals, a vector of $N \\cdot$ state size $\\cdot T + (T - 1)$ entries (times the
-            series), which `infer.PMMH` / `infer.CorrelatedPMMH` move with the statics. The
-            filter then resamples at every step by systematic resampling over sorted
-            particles (`noise.noise_filter`; `resampler` must be None or `systematic()`),
-            which keeps the estimate unbiased.
+            series), which `infer.PMMH` / `infer.CorrelatedPMMH` move with the statics; the
+            filter is then `noise.noise_filter` (`resampler` must be None or `systematic()`).
 
     Returns:
         The `FilterResult`, for further use in the model (series-first inside a plate).
@@ -135,22 +122,21 @@ def particle_factor(
         result = _noise_driven_filter(
             name, model, observations, num_particles, resampler, noise, batch_shape, plates
         )
-        return _register(name, result, resampler, plates, record, noise_driven=True)
-    key = _resolve_key(key)
-    result = particle_filter(
-        key,
-        model,
-        observations,
-        num_particles=num_particles,
-        resampler=resampler,
-        ess_threshold=ess_threshold,
-        particle_sharding=particle_sharding,
-        dtype=dtype,
-        batch_shape=batch_shape,
-        series_sharding=series_sharding,
-        checkpoint=checkpoint,
-    )
-    return _register(name, result, resampler, plates, record)
+    else:
+        result = particle_filter(
+            _resolve_key(key),
+            model,
+            observations,
+            num_particles=num_particles,
+            resampler=resampler,
+            ess_threshold=ess_threshold,
+            particle_sharding=particle_sharding,
+            dtype=dtype,
+            batch_shape=batch_shape,
+            series_sharding=series_sharding,
+            checkpoint=checkpoint,
+        )
+    return _register(name, result, resampler, plates, record, noise_driven=noise is not None)
 
 
 def _register(name, result, resampler, plates, record, noise_driven=False) -> FilterResult:
@@ -345,24 +331,21 @@ def sample_latent_paths(
     num_paths = check_count("num_paths", num_paths, minimum=1)
     num_steps_ahead = check_count("num_steps_ahead", num_steps_ahead, minimum=0)
     smoother_key, forecast_key = jax.random.split(_resolve_key(key))
-    settings = {
-        "num_particles": num_particles,
-        "num_paths": num_paths,
-        "resampler": resampler,
-        "dtype": dtype,
-    }
-
-    def squeeze(values: Array) -> Array:
-        return values[0] if num_paths == 1 else values
-
-    states = squeeze(
-        particle_smoother(smoother_key, model, observations, method=method, **settings)
+    settings = dict(
+        num_particles=num_particles, num_paths=num_paths, resampler=resampler, dtype=dtype
     )
+    states = particle_smoother(smoother_key, model, observations, method=method, **settings)
+    states = _squeeze(states, num_paths)
     numpyro.deterministic(f"{name}_states", states)
     if num_steps_ahead == 0:
         return states, None, None
     future, emitted = forecast(forecast_key, model, observations, num_steps_ahead, **settings)
-    future, emitted = squeeze(future), squeeze(emitted)
+    future, emitted = _squeeze(future, num_paths), _squeeze(emitted, num_paths)
     numpyro.deterministic(f"{name}_forecast", future)
     numpyro.deterministic(f"{name}_forecast_observations", emitted)
     return states, future, emitted
+
+
+def _squeeze(values: Array, num_paths: int) -> Array:
+    """Drop the leading paths axis when one path was drawn."""
+    return values[0] if num_paths == 1 else values
