@@ -104,19 +104,7 @@ def blackjax_nuts(
             not an int.
         ValueError: a non-positive count, or `target_accept` outside (0, 1).
     """
-    # Imported here: importing blackjax creates arrays, which starts JAX's backend, and at
-    # package import that would silently defeat a later numpyro.set_host_device_count(...).
-    import blackjax  # noqa: PLC0415
-
-    check_key(key, "key")
-    check_numpyro_model(model)
-    check_positive("num_warmup", num_warmup, integer=True)
-    check_positive("num_samples", num_samples, integer=True)
-    check_positive("num_chains", num_chains, integer=True)
-    target_accept = check_fraction(
-        "target_accept", target_accept, include_zero=False, include_one=False
-    )
-
+    target_accept = _check_arguments(key, model, num_warmup, num_samples, num_chains, target_accept)
     init_keys = jax.random.split(jax.random.fold_in(key, 0), num_chains)
     warmup_keys = jax.random.split(jax.random.fold_in(key, 1), num_chains)
     sample_keys = jax.random.split(jax.random.fold_in(key, 2), num_chains)
@@ -128,6 +116,42 @@ def blackjax_nuts(
     potential_fn = model_info.potential_fn
     postprocess_fn = model_info.postprocess_fn
     initial_positions = model_info.param_info.z
+
+    run_chain = _chain_runner(potential_fn, target_accept, num_warmup, num_samples)
+    (positions, diverging, acceptance, steps), step_size, inverse_mass = jax.jit(
+        jax.vmap(run_chain)
+    )(warmup_keys, sample_keys, initial_positions)
+
+    flat = jax.tree.map(lambda x: x.reshape(num_chains * num_samples, *x.shape[2:]), positions)
+    constrained = jax.jit(
+        lambda z: jax.lax.map(postprocess_fn, z, batch_size=POSTPROCESS_BATCH_SIZE)
+    )(flat)
+    samples = {
+        name: value.reshape(num_chains, num_samples, *value.shape[1:])
+        for name, value in constrained.items()
+    }
+    info = BlackjaxInfo(diverging, acceptance, steps, step_size, inverse_mass)
+    return BlackjaxResult(samples, info)
+
+
+def _check_arguments(key, model, num_warmup, num_samples, num_chains, target_accept) -> float:
+    """Check `blackjax_nuts`'s arguments (see there); return `target_accept` as a float."""
+    check_key(key, "key")
+    check_numpyro_model(model)
+    check_positive("num_warmup", num_warmup, integer=True)
+    check_positive("num_samples", num_samples, integer=True)
+    check_positive("num_chains", num_chains, integer=True)
+    return check_fraction("target_accept", target_accept, include_zero=False, include_one=False)
+
+
+def _chain_runner(potential_fn, target_accept, num_warmup, num_samples):
+    """`(warmup_key, sample_key, position) -> (draws, step_size, inverse_mass_matrix)`.
+
+    One chain of `blackjax_nuts`: window adaptation, then `num_samples` NUTS steps.
+    """
+    # Imported here: importing blackjax creates arrays, which starts JAX's backend, and at
+    # package import that would silently defeat a later numpyro.set_host_device_count(...).
+    import blackjax  # noqa: PLC0415
 
     def log_density(position):
         value = -potential_fn(position)
@@ -153,20 +177,7 @@ def blackjax_nuts(
         _, draws = jax.lax.scan(one_step, state, jax.random.split(sample_key, num_samples))
         return draws, parameters["step_size"], parameters["inverse_mass_matrix"]
 
-    (positions, diverging, acceptance, steps), step_size, inverse_mass = jax.jit(
-        jax.vmap(run_chain)
-    )(warmup_keys, sample_keys, initial_positions)
-
-    flat = jax.tree.map(lambda x: x.reshape(num_chains * num_samples, *x.shape[2:]), positions)
-    constrained = jax.jit(
-        lambda z: jax.lax.map(postprocess_fn, z, batch_size=POSTPROCESS_BATCH_SIZE)
-    )(flat)
-    samples = {
-        name: value.reshape(num_chains, num_samples, *value.shape[1:])
-        for name, value in constrained.items()
-    }
-    info = BlackjaxInfo(diverging, acceptance, steps, step_size, inverse_mass)
-    return BlackjaxResult(samples, info)
+    return run_chain
 
 
 def to_inference_data(result: BlackjaxResult):
