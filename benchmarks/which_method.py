@@ -218,7 +218,7 @@ def summarize(draws, statics, reference, seconds_warmup, seconds_sampling):
         "warmup_seconds": seconds_warmup,
         "sampling_seconds": seconds_sampling,
         "min_ess": smallest,
-        "max_rhat": worst_rhat,
+        "max_rhat": worst_rhat if worst_rhat > 0 else None,  # None: one chain
         "max_abs_error_in_sd": max(errors) if errors else None,
         "seconds_to_400_ess": seconds_warmup + seconds_sampling * TARGET_ESS / max(smallest, 1.0),
         "statics": rows,
