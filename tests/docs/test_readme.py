@@ -151,3 +151,19 @@ def test_lgssm_numbers_come_from_the_committed_results():
     )
     total = re.search(r"committed run took\s+(\d+) s", part).group(1)
     assert f"total {total} s" in results
+
+
+def test_sampler_numbers_come_from_the_which_method_results():
+    results = (ROOT / "benchmarks" / "results" / "which_method.md").read_text(encoding="utf-8")
+    committed = set(re.findall(r"\d+(?:\.\d+)?", results))
+    readme = readme_text()
+    paragraph = readme[readme.index("**Exact posteriors") : readme.index("## Set up")]
+    page = (ROOT / "docs" / "which-sampler.md").read_text(encoding="utf-8")
+    summary = page[page.index("## What the numbers say") :]
+    for text in (paragraph, summary):
+        quoted = set(re.findall(r"(\d+(?:\.\d+)?) s\b", text))
+        quoted |= set(re.findall(r"R-hat (\d+\.\d+)", text))
+        quoted |= set(re.findall(r"(\d+\.\d+) reference SD", text))
+        assert quoted, text[:80]
+        invented = sorted(quoted - committed)
+        assert not invented, f"numbers not in which_method.md: {invented}"
