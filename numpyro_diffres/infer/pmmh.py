@@ -141,6 +141,7 @@ class PMMH(MCMCKernel):
         self._sites: ModelSites | None = None
         self._postprocess_fn = None
         self._batched = False
+        self._sample_fn = None
 
     @property
     def model(self) -> Callable:
@@ -193,6 +194,9 @@ class PMMH(MCMCKernel):
             return PMMHState(z, energy, log_likelihood, zero, zero, jnp.array(0), scale, chain_key)
 
         self._batched = batched
+        # What NumPyro's MCMC checks to know the kernel is initialised: without it, `run`
+        # after `warmup` would initialise the model (and evaluate the filter) again.
+        self._sample_fn = self.sample
         return jax.vmap(start)(rng_key, z) if batched else start(rng_key, z)
 
     def sample(self, state: PMMHState, model_args, model_kwargs) -> PMMHState:

@@ -288,3 +288,23 @@ def test_particle_count_rule_refuses_missing_statics_and_a_correlated_rule_witho
             model_args=(y,),
             correlation=0.9,
         )
+
+
+def test_sampling_after_warmup_keeps_the_warm_state_without_initialising_again():
+    y = observations()
+    kernel = ndr.infer.PMMH(particle_model)
+    calls = []
+    initialise = kernel.init
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return initialise(*args, **kwargs)
+
+    kernel.init = counted
+    mcmc = MCMC(kernel, num_warmup=30, num_samples=20, progress_bar=False)
+    mcmc.warmup(jax.random.PRNGKey(0), y)
+    warm = mcmc.post_warmup_state
+    mcmc.run(warm.rng_key, y)
+    assert len(calls) == 1
+    assert int(mcmc.last_state.i) == 50
+    np.testing.assert_array_equal(warm.scale_tril, mcmc.last_state.scale_tril)
