@@ -317,7 +317,11 @@ def test_nuts_through_the_plate_recovers_the_exact_hierarchical_posterior():
     # within 30%. Cost: the particle chain starts at the exact posterior mean with the exact
     # run's adapted diagonal mass matrix (only the step size is adapted, in 100 warm-up
     # steps); it still samples its own (fixed-noise) posterior, which is what is checked.
-    # NUTS's own Monte Carlo error at 300 draws is about 0.1 SD on the means.
+    # NUTS's own Monte Carlo error at 300 draws is about 0.1 SD on the means, which made the
+    # 0.3 SD check a 3-sigma one over 8 statics: with the filter core's rounding (and the
+    # test run's compiler flags) the same seed gave phi 0.308 SD off at 300 draws, 0.209 at
+    # 600, and 0.05-0.14 at 300 under other seeds or flags. 600 draws (error about 0.07 SD)
+    # keep the same tolerance at about 4 sigma.
     num_series = 4
     data = simulate_series(num_series, 15, seed=0)
     with jax.enable_x64(True):
@@ -330,7 +334,7 @@ def test_nuts_through_the_plate_recovers_the_exact_hierarchical_posterior():
         particle_model,
         jnp.asarray(data, jnp.float32),
         100,
-        300,
+        600,
         seed=2,
         num_chains=1,
         inverse_mass_matrix=mass,
