@@ -3,11 +3,18 @@
 Also the conjugate Gaussian example that `resampling.py` and `scaling.py` both measure
 resampled-mean error on (`gaussian_example`, `posterior_mean`).
 
-Timing protocol (`time_call`): compile the function with `jax.jit(...).lower(...).compile()`,
-run it once as a warm-up, then time calls that each end with `jax.block_until_ready`, at least
-`repeats` of them and more while their total is under `min_seconds`; report the median. Two
-tables timed this way in the same run can be compared; absolute times depend on the machine's
-load, which `run_metadata` records (`os.getloadavg` at the start, `load_line` at the end).
+Timing protocol (`time_call`): compile the function with `jax.jit(...).lower(...).compile()`
+(unless it comes compiled), run it once as a warm-up, then time calls that each end with
+`jax.block_until_ready`, at least `repeats` of them and more while their total is under
+`min_seconds`; report the median. With `single_call_seconds`, a warm-up call slower than that is
+the only call: its time is reported, from one run. Two tables timed this way in the same run can
+be compared; absolute times depend on the machine's load, which `run_metadata` records
+(`os.getloadavg` at the start, `load_line` at the end).
+
+Report writer (`write_report`): the report's `meta` entry comes from `run_metadata` (date,
+machine, CPUs, versions, load at the start, the script's settings) and is finished by
+`finish_metadata` (load at the end, total seconds); the JSON is written and its rendering beside
+it, so that every committed table is its script's `render` of the committed JSON.
 """
 
 import datetime
@@ -29,6 +36,7 @@ __all__ = [
     "OBSERVATION",
     "OBSERVATION_VARIANCE",
     "Timing",
+    "finish_metadata",
     "format_number",
     "gaussian_example",
     "load_average",
@@ -83,26 +91,36 @@ def time_call(
     repeats: int = 5,
     min_seconds: float = 0.5,
     max_runs: int | None = None,
+    single_call_seconds: float | None = None,
 ) -> Timing:
     """Time `jax.jit(function)(*args)` by the shared protocol (module docstring).
 
     Args:
-        function: a jittable function of `args`.
+        function: a jittable function of `args`, or one already compiled for them
+            (`jax.stages.Compiled`, as when its `memory_analysis()` is read first), which is
+            timed as it is (compile time 0).
         args: positional arguments (arrays or pytrees of arrays).
         repeats: minimum number of timed calls.
         min_seconds: keep timing until the timed calls add up to this much.
         max_runs: cap on timed calls (default `10 * repeats`).
+        single_call_seconds: if the warm-up call takes longer, it is the measurement
+            (`runs` 1) and no further call is made (default: never).
 
     Returns:
         A `Timing`.
     """
     max_runs = 10 * repeats if max_runs is None else max_runs
     start = time.perf_counter()
-    compiled = jax.jit(function).lower(*args).compile()
+    if isinstance(function, jax.stages.Compiled):
+        compiled = function
+    else:
+        compiled = jax.jit(function).lower(*args).compile()
     compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
     output = jax.block_until_ready(compiled(*args))
     warmup_seconds = time.perf_counter() - start
+    if single_call_seconds is not None and warmup_seconds > single_call_seconds:
+        return Timing(warmup_seconds, 1, compile_seconds, warmup_seconds, output)
     times: list[float] = []
     while len(times) < repeats or (sum(times) < min_seconds and len(times) < max_runs):
         start = time.perf_counter()

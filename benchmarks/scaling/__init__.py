@@ -25,30 +25,31 @@ Sections (choose with `--sections`):
   float32 with x64 disabled, same keys and over several keys, for the AR(1) model of `nuts`
   and the linear-Gaussian model of `gradient`.
 
-Every time is a median of jit-compiled calls after compilation (a call that takes more than
-2 s is timed once, without a warm-up call). Where a call is predicted (from the largest smaller
+Every time is a median of jit-compiled calls after compilation and a warm-up call
+(`benchmarks._common.time_call`, `repeats` calls; a call that takes more than 2 s is timed once,
+without a warm-up call: `_shared._time_calls`). Where a call is predicted (from the largest smaller
 N measured, as $t (N / N')^2$) to exceed its section's limit, it is not run and the row says
 so; predicted times are labelled as estimates.
 
     python -m benchmarks scaling                        # everything, default sizes
     python -m benchmarks scaling --sections nuts --quick
 
-Prints markdown and writes JSON (and the markdown beside it) under `benchmarks/results/`.
+Prints markdown and writes JSON (and the markdown beside it, `render` of the JSON) under
+`benchmarks/results/` (`benchmarks._common.write_report`).
 """
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
-import jax
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file, too
-from benchmarks.scaling._shared import _load  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    finish_metadata,
+    load_average,
+    run_metadata,
+    write_report,
+)
 from benchmarks.scaling.accuracy import _accuracy_markdown, accuracy_section  # noqa: E402
 from benchmarks.scaling.gradient import _gradient_markdown, gradient_section  # noqa: E402
 from benchmarks.scaling.nuts import NUTS_PRECISIONS, NUTS_SETTINGS, _nuts_markdown, nuts_section  # noqa: E402
@@ -65,21 +66,24 @@ def _merge_rows(old_rows, new_rows, date):
     return merged + list(new.values())
 
 
-def _markdown(report):
+def render(report):
+    """The markdown of a report (`meta` from `_common.run_metadata`, one per rerun too)."""
+    meta = report["meta"]
     loads = ", ".join(
         f"{section} {load[0]:.1f}" for section, load in report["section_loads"].items()
     )
     lines = [
         "# Scaling benchmark",
         "",
-        f"Run {report['date']} on {report['platform']} ({os.cpu_count()} CPUs), jax "
-        f"{jax.__version__}; total {report['total_seconds']:.0f} s. Load average (1, 5, 15 "
-        f"min) at start / end: {report['load_start']} / {report['load_end']}; 1-minute load "
+        f"Run {meta['date']} on {meta['machine']} ({meta['cpu_count']} CPUs), jax "
+        f"{meta['jax_version']}; total {meta['total_seconds']:.0f} s. Load average (1, 5, 15 "
+        f"min) at start / end: {meta['load_start']} / {meta['load_end']}; 1-minute load "
         f"when each section started: {loads}. Other processes share the CPUs: compare within "
         "this run only.",
         "",
     ]
     for rerun in report.get("reruns", []):
+        rerun_meta = rerun["meta"]
         lines += [
             f"Section{'s' if len(rerun['sections']) > 1 else ''} "
             f"{', '.join(rerun['sections'])}"
@@ -89,10 +93,10 @@ def _markdown(report):
                 if rerun.get("nuts_rows")
                 else ""
             )
-            + f" rerun {rerun['date']} ({rerun['seconds']:.0f} s, "
-            f"load {rerun['load_start']} / {rerun['load_end']}) with the code of that date; the "
-            f"other {'rows and ' if rerun.get('nuts_rows') else ''}sections are from the run "
-            "above.",
+            + f" rerun {rerun_meta['date']} ({rerun_meta['total_seconds']:.0f} s, "
+            f"load {rerun_meta['load_start']} / {rerun_meta['load_end']}) with the code of that "
+            f"date; the other {'rows and ' if rerun.get('nuts_rows') else ''}sections are from "
+            "the run above.",
             "",
         ]
     if report.get("cuts"):
@@ -227,10 +231,9 @@ def parse_arguments(argv):
 
 def main(argv=None):
     args = parse_arguments(argv)
-    start = time.perf_counter()
-    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     settings = {k: v for k, v in vars(args).items() if k not in ("out",) and not callable(v)}
-    load_start = _load()
+    # This run's metadata: the report's own, or a rerun's (`--update`).
+    meta = run_metadata()
     # Rerunning named NUTS settings into a committed report replaces only their rows.
     merge_nuts = args.update and "nuts" in args.sections and bool(args.nuts_setting_text)
     if args.update:
@@ -245,34 +248,25 @@ def main(argv=None):
                         "one table must share their settings."
                     )
     else:
-        report = {"date": date, "platform": platform.platform(), "load_start": load_start}
-        report |= {"settings": settings, "section_loads": {}}
+        report = {"meta": meta, "settings": settings, "section_loads": {}}
     for name in args.sections:
-        report["section_loads"][name] = _load()
+        report["section_loads"][name] = load_average()
         rows = SECTIONS[name](args)
         if merge_nuts and name == "nuts":
             # Only the named settings were rerun: they replace their rows. The exact row stays
             # (the exact posterior is the same draw for the same seed; its time is noted).
             exact_seconds = rows[0]["seconds"]
-            rows = _merge_rows(report["nuts"], rows[1:], date)
+            rows = _merge_rows(report["nuts"], rows[1:], meta["date"])
         report[name] = rows
     if args.update:
-        rerun = {"sections": args.sections, "date": date, "platform": platform.platform()}
+        rerun = {"sections": args.sections}
         if merge_nuts:
             rerun["nuts_rows"] = [f"N={n} K={k} {p}" for n, k, p in args.nuts_settings]
             rerun["exact_seconds"] = exact_seconds
-        rerun |= {"seconds": time.perf_counter() - start, "settings": settings}
-        rerun |= {"load_start": load_start, "load_end": _load()}
+        rerun |= {"settings": settings, "meta": finish_metadata(meta)}
         report.setdefault("reruns", []).append(rerun)
-    else:
-        report["total_seconds"] = time.perf_counter() - start
-        report["load_end"] = _load()
     report["cuts"] = _cuts(report)
-    markdown = _markdown(report)
-    print(markdown)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    args.out.with_suffix(".md").write_text(markdown)
+    print(write_report(args.out, report, render))
     return report
 
 

@@ -1,13 +1,12 @@
-"""What the scaling sections share: the AR(1) truth and data, the load, and the call timer.
+"""What the scaling sections share: the AR(1) truth and data, and the call timer.
 
-`_time_calls` is this benchmark's own protocol (median of calls after one warm-up call, or one
-call alone past `SINGLE_CALL_SECONDS`), kept so that the committed `results/scaling.md` keeps
-its meaning; new scripts use `benchmarks._common.time_call`.
+`_time_calls` is `benchmarks._common.time_call` with the settings this benchmark's committed
+`results/scaling.md` was timed with: exactly `repeats` calls after the warm-up call (no
+`min_seconds` extension), or the warm-up call alone when it takes more than
+`SINGLE_CALL_SECONDS`; the sections pass functions they compiled themselves.
 """
 
-import os
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -15,6 +14,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file, too
 import numpyro_diffres as ndr  # noqa: E402
+from benchmarks._common import time_call  # noqa: E402
 from benchmarks.models import ar1  # noqa: E402
 
 TRUE = {"phi": 0.8, "q": 0.5, "r": 0.5}
@@ -30,23 +30,17 @@ def _ar1_observations(num_time_steps):
     return np.asarray(observations)
 
 
-def _load():
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def _time_calls(function, *arguments, repeats):
-    """`(seconds, runs)`: median of `repeats` calls after a warm-up call, or one call alone."""
-    start = time.perf_counter()
-    jax.block_until_ready(function(*arguments))
-    first = time.perf_counter() - start
-    if first > SINGLE_CALL_SECONDS:
-        return first, 1
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(function(*arguments))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), repeats
+    """`(seconds, runs)` of `function(*arguments)` by `time_call` (module docstring)."""
+    timing = time_call(
+        function,
+        arguments,
+        repeats=repeats,
+        min_seconds=0.0,
+        max_runs=repeats,
+        single_call_seconds=SINGLE_CALL_SECONDS,
+    )
+    return timing.median, timing.runs
 
 
 def _cell(value, spec):

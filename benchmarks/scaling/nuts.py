@@ -12,11 +12,11 @@ from numpyro.infer import MCMC, NUTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file, too
 import numpyro_diffres as ndr  # noqa: E402
+from benchmarks._common import load_average  # noqa: E402
 from benchmarks.models import ar1, ar1_params  # noqa: E402
 from benchmarks.scaling._shared import (  # noqa: E402
     TRUE,
     _ar1_observations,
-    _load,
 )
 
 # (N, K, precision): "float64" and "float32" set JAX's x64 mode; "mixed" is a float64 program
@@ -90,7 +90,7 @@ def nuts_section(args):
         exact_sd = {k: float(v.std()) for k, v in exact.items()}
     rows.append(
         {"likelihood": "exact (Kalman)", "seconds": seconds, "divergent": divergent}
-        | {"leapfrog_per_iteration": leapfrog, "load": _load()}
+        | {"leapfrog_per_iteration": leapfrog, "load": load_average()}
         | {f"{k}_mean": exact_mean[k] for k in TRUE}
         | {f"{k}_sd": exact_sd[k] for k in TRUE}
     )
@@ -118,7 +118,7 @@ def nuts_section(args):
             "seconds": seconds,
             "divergent": divergent,
             "leapfrog_per_iteration": leapfrog,
-            "load": _load(),
+            "load": load_average(),
         }
         for k in TRUE:
             mean, sd = float(samples[k].mean()), float(samples[k].std())

@@ -10,11 +10,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file, too
 import numpyro_diffres as ndr  # noqa: E402
+from benchmarks._common import load_average  # noqa: E402
 from benchmarks.models import ar1  # noqa: E402
 from benchmarks.scaling._shared import (  # noqa: E402
     TRUE,
     _ar1_observations,
-    _load,
     _time_calls,
 )
 from benchmarks.scaling.gradient import _linear_gaussian_log_likelihood  # noqa: E402
@@ -82,6 +82,7 @@ def precision_section(args):
             with jax.enable_x64(x64):
                 scale = jnp.asarray(1.0, dtype)
                 function = jax.jit(jax.value_and_grad(build(dtype, filter_dtype), argnums=1))
+                function = function.lower(jax.random.PRNGKey(0), scale).compile()
                 results = [
                     function(jax.random.PRNGKey(s), scale) for s in range(args.precision_keys)
                 ]
@@ -91,7 +92,7 @@ def precision_section(args):
                 gradients[mode] = np.array([float(r[1]) for r in results])
                 seconds, _ = _time_calls(function, jax.random.PRNGKey(0), scale, repeats=5)
                 row = {"model": name, "mode": mode, "keys": len(results)}
-                row |= {"value_and_grad_ms": 1e3 * seconds, "load": _load()}
+                row |= {"value_and_grad_ms": 1e3 * seconds, "load": load_average()}
                 rows.append(row)
         reference, reference_gradient = values["float64"], gradients["float64"]
         for row in rows[-len(PRECISION_MODES) :]:
