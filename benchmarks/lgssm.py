@@ -49,10 +49,7 @@ import os
 os.environ.setdefault("EQX_ON_ERROR", "nan")
 
 import argparse
-import datetime
-import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -68,6 +65,7 @@ import optax
 import numpyro_diffres as ndr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
+from benchmarks._common import run_metadata, write_report  # noqa: E402
 from benchmarks.models import LGSSM_EMISSION_VARIANCE, lgssm, lgssm_params  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "lgssm.json"
@@ -552,7 +550,7 @@ def paired_kl_lines(report: dict) -> list[str]:
     return lines
 
 
-def markdown(report: dict) -> str:
+def render(report: dict) -> str:
     """One row per method, with the run's header and the normalisation check."""
     meta = report["meta"]
     grid = meta["grid"]
@@ -834,7 +832,7 @@ def main(argv: list[str] | None = None) -> dict:
     jax.config.update("jax_enable_x64", True)
     options = parse_arguments(argv)
     started = time.perf_counter()
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    meta = run_metadata(numpyro_version=version("numpyro"), optax_version=optax.__version__)
 
     methods = build_methods(options.quick)
     if options.methods is not None:
@@ -903,14 +901,8 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     exact_mean, exact_error = mean_and_error(exact_errors)
     report = {
-        "meta": {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "machine": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "python_version": platform.python_version(),
-            "jax_version": jax.__version__,
-            "numpyro_version": version("numpyro"),
-            "optax_version": optax.__version__,
+        "meta": meta
+        | {
             "quick": options.quick,
             "runs": options.runs,
             "grid": options.grid,
@@ -927,9 +919,6 @@ def main(argv: list[str] | None = None) -> dict:
             "kl_direction": "KL(Kalman filtering marginal || Gaussian fit of the particles)",
             "optimizer": "optax.lbfgs (zoom line search), objective -PF log-likelihood, fixed key",
             "reduced": reduction_note(options, subset_points),
-            "load_start": load_start,
-            "load_end": [round(x, 2) for x in os.getloadavg()],
-            "total_seconds": time.perf_counter() - started,
         },
         "exact": {
             "converged_fraction": float(np.mean([run["converged"] for run in exact_runs])),
@@ -940,11 +929,9 @@ def main(argv: list[str] | None = None) -> dict:
         "normalisation_check": normalisation,
         "methods": rows,
     }
-    table = markdown(report)
-    print(table)
-    options.out.parent.mkdir(parents=True, exist_ok=True)
-    options.out.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
-    options.out.with_suffix(".md").write_text(table)
+    # Strict JSON (no NaN), and the table is rendered from what the JSON holds.
+    report = json_safe(report)
+    print(write_report(options.out, report, render))
     return report
 
 

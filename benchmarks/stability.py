@@ -31,11 +31,8 @@ Usage:
 """
 
 import argparse
-import datetime
 import gc
 import json
-import os
-import platform
 import resource
 import sys
 import threading
@@ -52,6 +49,7 @@ from numpyro.infer import MCMC, NUTS
 import numpyro_diffres as ndr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
+from benchmarks._common import load_average, run_metadata, write_report  # noqa: E402
 from benchmarks.models import stochastic_volatility  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "stability.json"
@@ -154,7 +152,7 @@ def main(argv=None):
         chain_method="parallel",
         progress_bar=False,
     )
-    load_start = os.getloadavg()
+    meta = run_metadata(numpyro_version=numpyro.__version__, dtype=str(jnp.result_type(float)))
     rss_start = current_rss_mb()
     start = time.perf_counter()
     with MemoryMonitor() as monitor:
@@ -188,13 +186,7 @@ def main(argv=None):
         print(json.dumps(chains[-1]), flush=True)
 
     report = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "jax": jax.__version__,
-        "numpyro": numpyro.__version__,
-        "python": sys.version.split()[0],
-        "dtype": str(jnp.result_type(float)),
+        "meta": meta,
         "config": {
             "chains": args.chains,
             "chain_method": "parallel",
@@ -208,8 +200,8 @@ def main(argv=None):
             "true": TRUE,
             "quick": args.quick,
         },
-        "load_average_start": list(load_start),
-        "load_average_end": list(os.getloadavg()),
+        # The load when the run of the first table ended (`meta` has it at the very end).
+        "load_after_run": load_average(),
         "seconds": seconds,
         "rss_mb_before_run": rss_start,
         "rss_mb_at_tenths": dict(
@@ -230,9 +222,7 @@ def main(argv=None):
         )
         for mode in ("keep_caches", "clear_caches")
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    write_markdown(report, args.out.with_suffix(".md"))
+    write_report(args.out, report, render)
     return report
 
 
@@ -254,19 +244,21 @@ def repeated_runs(observations, num_particles, runs, iterations, clear):
     return rows
 
 
-def write_markdown(report, path):
+def render(report):
+    """The markdown of a report: the long run's chains and memory, then the repeated runs."""
+    meta = report["meta"]
     config = report["config"]
     tenths = report["rss_mb_at_tenths"]
     lines = [
         "# Stability: NUTS through the diffusion particle factor",
         "",
-        f"Run {report['date']} on {report['platform']} ({report['cpus']} CPUs), jax "
-        f"{report['jax']}, numpyro {report['numpyro']}, {report['dtype']}; stochastic "
+        f"Run {meta['date']} on {meta['machine']} ({meta['cpu_count']} CPUs), jax "
+        f"{meta['jax_version']}, numpyro {meta['numpyro_version']}, {meta['dtype']}; stochastic "
         f"volatility, T={config['num_steps']}, N={config['num_particles']}, "
         f"{config['chains']} chains x ({config['warmup']} warm-up + {config['samples']} draws) "
         f"in one `MCMC.run` (chain_method={config['chain_method']!r}); "
         f"{report['seconds']:.0f} s. Load average at start / end: "
-        f"{report['load_average_start']} / {report['load_average_end']}.",
+        f"{meta['load_start']} / {report['load_after_run']}.",
         "",
         "| chain | divergences | NaN draws | non-finite potential | leapfrog steps "
         "| mu | phi | sigma |",
@@ -309,7 +301,7 @@ def write_markdown(report, path):
             f"{cleared['seconds']:.1f} | {cleared['rss_mb']:.0f} |"
         )
     lines.append("")
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -31,12 +31,9 @@ Usage:
 """
 
 import argparse
-import datetime
 import json
 import math
 import multiprocessing
-import os
-import platform
 import queue
 import sys
 import time
@@ -44,6 +41,9 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
+from benchmarks._common import run_metadata, write_report  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "stress.json"
 
@@ -328,16 +328,18 @@ def slim_case(case):
     }
 
 
-def write_markdown(report, path):
+def render(report):
+    """The markdown of a report: outcome counts by resampler, by emission and in total."""
+    meta = report["meta"]
     summary = report["summary"]
     config = report["config"]
     lines = [
         "# Stress test",
         "",
-        f"Run {report['date']} on {report['platform']} ({report['cpus']} CPUs), "
-        f"jax {report['jax']}, float32; {config['cases']} cases, T={config['num_steps']}, "
+        f"Run {meta['date']} on {meta['machine']} ({meta['cpu_count']} CPUs), "
+        f"jax {meta['jax_version']}, float32; {config['cases']} cases, T={config['num_steps']}, "
         f"N={config['num_particles']}, per-case timeout {config['timeout']} s; "
-        f"total {report['seconds']:.0f} s, worker restarts {report['worker_restarts']}.",
+        f"total {meta['total_seconds']:.0f} s, worker restarts {report['worker_restarts']}.",
         "",
         "Random models (Gaussian / Student-t / Poisson emissions, state dimension 1 or 3, "
         "observation dimension 1 or 2), noise scales log-uniform on [1e-3, 1e3], data "
@@ -368,7 +370,7 @@ def write_markdown(report, path):
         for finding in report["findings"][:50]:
             lines.append(f"- {json.dumps(finding)}")
         lines.append("")
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -390,7 +392,7 @@ def main(argv=None):
     cases = [draw_case(rng, i, structures, resamplers) for i in range(num_cases)]
     # Grouped by (structure, resampler): each compiled function is used right after compiling.
     order = sorted(cases, key=lambda c: (c["emission"], c["state_dim"], c["resampler"], c["index"]))
-    load_start = os.getloadavg()
+    meta = run_metadata()
     start = time.perf_counter()
     pool = Pool(num_steps, num_particles)
     records = []
@@ -402,7 +404,6 @@ def main(argv=None):
                 print(f"{done}/{len(order)} cases, {time.perf_counter() - start:.0f} s", flush=True)
     finally:
         pool.close()
-    seconds = time.perf_counter() - start
 
     by_index = {c["index"]: c for c in cases}
     findings = []
@@ -426,17 +427,8 @@ def main(argv=None):
                 }
             )
 
-    import jax
-
     report = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "jax": jax.__version__,
-        "python": sys.version.split()[0],
-        "load_average_start": list(load_start),
-        "load_average_end": list(os.getloadavg()),
-        "seconds": seconds,
+        "meta": meta,
         "worker_restarts": pool.restarts,
         "config": {
             "cases": num_cases,
@@ -456,9 +448,7 @@ def main(argv=None):
             for r in sorted(records, key=lambda r: r["index"])
         ],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
-    write_markdown(report, args.out.with_suffix(".md"))
+    write_report(args.out, report, render)
     summary = report["summary"]
     print(json.dumps(summary["total"]), f"bugs: {summary['bugs']}", flush=True)
     return report
