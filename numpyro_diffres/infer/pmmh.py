@@ -62,7 +62,7 @@ class PMMHState(NamedTuple):
             estimate stored with it (prior, Jacobians, noise prior and estimate).
         log_likelihood: the stored estimate $\\log \\hat p(y \\mid \\theta, u)$: the sum of
             the model's observed and factor sites at `z`. Its spread across draws shows how
-            noisy the estimator is (collect it with `extra_fields=("log_likelihood",)`).
+            noisy the estimator is (collected by default: `mcmc.get_extra_fields()`).
         accept_prob: this step's acceptance probability.
         mean_accept_prob: running mean of `accept_prob` within the current phase (warm-up,
             then sampling).
@@ -288,7 +288,7 @@ class CorrelatedPMMH(PMMH):
     Args:
         model: the NumPyro model.
         correlation: $\\rho$; 0.99 by default. The log-likelihood ratio's variance grows
-            with $1 - \\rho$ and with $T / N$; see `diagnostics.choose_num_particles_pmmh`.
+            with $1 - \\rho$ and with $T / N$; see `diagnostics.choose_pmmh_num_particles`.
         **settings: the other `PMMH` settings.
     """
 
