@@ -208,10 +208,11 @@ def growth_latent_model(y):
     scan(step, x0, (jnp.arange(1, y.shape[0]), y[1:]))
 
 
-def growth_factor_model(y, *, num_particles, resampler, guided=False, key=None):
+def growth_factor_model(y, *, num_particles, resampler, guided=False, key=None, **factor_options):
     """`model()`: sv ~ HalfNormal(5) and the particle factor of `y`.
 
-    `guided`: `growth`'s proposal; `key`: a fixed filter key, else the seed handler's.
+    `guided`: `growth`'s proposal; `key`: a fixed filter key, else the seed handler's;
+    `factor_options`: `particle_factor`'s others (e.g. `noise`).
     """
 
     def model():
@@ -223,6 +224,7 @@ def growth_factor_model(y, *, num_particles, resampler, guided=False, key=None):
             num_particles=num_particles,
             resampler=resampler,
             key=key,
+            **factor_options,
         )
 
     return model

@@ -46,14 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, t
 import numpyro_diffres as ndr  # noqa: E402
 from benchmarks._common import markdown_table, run_metadata, write_report  # noqa: E402
 from benchmarks.models import (  # noqa: E402
-    GROWTH_PRIOR_SCALE,
     growth,
+    growth_factor_model,
     growth_latent_model,
     growth_mean,
     growth_observations,
     stochastic_volatility,
+    sv_factor_model,
     sv_latent_model,
-    sv_priors,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,25 +72,15 @@ def sv_returns(num_steps, seed=0):
 
 
 def sv_filter_model(num_particles, **factor_options):
-    def model(returns):
-        mu, phi, sigma = sv_priors()
-        ndr.particle_factor(
-            "returns",
-            stochastic_volatility(mu, phi, sigma),
-            returns,
-            num_particles=num_particles,
-            **factor_options,
-        )
-
-    return model
+    """`models.sv_factor_model` as a function of the data (what `MCMC.run` passes)."""
+    return lambda returns: sv_factor_model(returns, num_particles=num_particles, **factor_options)()
 
 
-def growth_filter_model(num_particles, **factor_options):
-    def model(y):
-        sv = numpyro.sample("sv", dist.HalfNormal(GROWTH_PRIOR_SCALE))
-        ndr.particle_factor("y", growth(sv), y, num_particles=num_particles, **factor_options)
-
-    return model
+def growth_filter_model(num_particles, resampler=None, **factor_options):
+    """`models.growth_factor_model` as a function of the data (what `MCMC.run` passes)."""
+    return lambda y: growth_factor_model(
+        y, num_particles=num_particles, resampler=resampler, **factor_options
+    )()
 
 
 def hierarchy_statics():
