@@ -308,3 +308,46 @@ def test_sampling_after_warmup_keeps_the_warm_state_without_initialising_again()
     assert len(calls) == 1
     assert int(mcmc.last_state.i) == 50
     np.testing.assert_array_equal(warm.scale_tril, mcmc.last_state.scale_tril)
+
+
+def test_noise_sites_stay_in_the_state_but_out_of_the_draws():
+    y = observations()
+    mcmc = run(ndr.infer.CorrelatedPMMH(noise_model), y, num_warmup=20, num_samples=10)
+    assert set(mcmc.get_samples()) == {"phi"}
+    assert mcmc.last_state.z["y_noise"].shape == (4, 16 * NUM_STEPS + NUM_STEPS - 1)
+
+
+def test_deterministic_sites_are_replayed_into_the_draws():
+    y = observations()
+
+    def model(y):
+        particle_model(y)
+        phi = numpyro.sample("phi_again", dist.Normal(0.0, 1.0))
+        numpyro.deterministic("twice", 2.0 * phi)
+
+    mcmc = run(ndr.infer.PMMH(model), y, num_warmup=20, num_samples=10, num_chains=2)
+    draws = mcmc.get_samples()
+    np.testing.assert_allclose(draws["twice"], 2.0 * draws["phi_again"], rtol=1e-6)
+    assert np.all(np.abs(draws["phi"]) < 1.0)
+
+
+def test_init_strategy_and_init_params_are_honoured():
+    y = observations()
+    kernel = ndr.infer.PMMH(particle_model, init_strategy=numpyro.infer.init_to_median)
+    state = kernel.init(jax.random.PRNGKey(0), 10, None, (y,), {})
+    # init_to_median puts phi at the median of Uniform(-1, 1): unconstrained 0.
+    np.testing.assert_allclose(state.z["phi"], 0.0, atol=0.1)
+    state = kernel.init(jax.random.PRNGKey(0), 10, {"phi": jnp.array(0.8)}, (y,), {})
+    np.testing.assert_allclose(state.z["phi"], 0.8)
+    assert np.isfinite(state.log_likelihood)
+
+
+def test_a_model_without_a_finite_start_is_refused_clearly():
+    y = observations()
+
+    def impossible(y):
+        phi = numpyro.sample("phi", dist.Uniform(-1.0, 1.0))
+        numpyro.factor("never", -jnp.inf * (phi * phi + 1.0))
+
+    with pytest.raises(RuntimeError, match="no initial point"):
+        run(ndr.infer.PMMH(impossible), y, num_warmup=5, num_samples=5)
