@@ -351,3 +351,12 @@ def test_a_model_without_a_finite_start_is_refused_clearly():
 
     with pytest.raises(RuntimeError, match="no initial point"):
         run(ndr.infer.PMMH(impossible), y, num_warmup=5, num_samples=5)
+
+
+def test_init_params_may_leave_out_the_noise_sites():
+    y = observations()
+    kernel = ndr.infer.CorrelatedPMMH(noise_model)
+    state = kernel.init(jax.random.PRNGKey(0), 10, {"phi": jnp.array(0.5)}, (y,), {})
+    np.testing.assert_allclose(state.z["phi"], 0.5)
+    assert state.z["y_noise"].shape == (16 * NUM_STEPS + NUM_STEPS - 1,)
+    assert 0.5 < float(jnp.std(state.z["y_noise"])) < 1.5
