@@ -26,6 +26,7 @@ __all__ = [
     "check_kernel",
     "check_model",
     "check_resampler",
+    "check_resampler_input",
     "check_run_options",
 ]
 
@@ -89,6 +90,29 @@ def check_resampler(resampler: Resampler | None) -> Resampler:
         "numpyro_diffres.resampling.diffusion()",
     )
     return resampler
+
+
+def check_resampler_input(resampler: object, given_noise: bool, ess_threshold: float) -> None:
+    """Refuse a key for a resampler that takes noise, or noise for one that takes a key.
+
+    Raises:
+        TypeError: the resampler's `takes_noise` trait does not match what the step is given
+            (a `StepNoise` when `given_noise`, else a key); never when it is not called
+            (`ess_threshold` 0).
+    """
+    takes_noise = bool(getattr(resampler, "takes_noise", False))
+    if ess_threshold <= 0.0 or takes_noise == given_noise:
+        return
+    if given_noise:
+        raise TypeError(
+            f"The filter runs on explicit noise, but the resampler {resampler!r} takes a PRNG "
+            "key; pass its noise-driven form, resampling.noise_driven(resampler)."
+        )
+    raise TypeError(
+        f"The resampler {resampler!r} takes standard-normal noise, not a PRNG key: run it "
+        "through the filter on explicit noise (noise.noise_filter, or particle_factor with "
+        "noise='sampled'), or pass its key-driven form."
+    )
 
 
 def check_model(

@@ -45,7 +45,9 @@ class StepNoise(NamedTuple):
 
     Attributes:
         move: each particle's move noise, `(N, *B, *state_shape)`.
-        resampling: the resampler's noise, shape $B$ (one standard normal per series).
+        resampling: the resampler's noise, `(*B, *noise_shape)`: series first, then the
+            resampler's `noise_shape(N, state_shape)` (`()` for sorted systematic: one
+            standard normal per series; `(N, d)` for diffusion's ODE).
     """
 
     move: Array
@@ -58,7 +60,8 @@ class FilterNoise(NamedTuple):
     Attributes:
         initial: the first cloud's noise, `(N, *B, *state_shape)`.
         transition: each later step's move noise, `(T - 1, N, *B, *state_shape)`.
-        resampling: each later step's resampling noise, `(T - 1, *B)`.
+        resampling: each later step's resampling noise, `(T - 1, *B, *noise_shape)` (see
+            `StepNoise`).
     """
 
     initial: Array
@@ -160,7 +163,7 @@ def per_series(function, num_batch, *arrays, key=None, out_axes=0):
     `out_axes` entry (1 for per-particle arrays, 0 for per-series summaries). One series
     (`num_batch` 0) is the same call with no series axis; `key` is then the series' key,
     else it is split into one key per series, or, when it is standard-normal noise of shape
-    $B$ (a `StepNoise`'s resampling noise), indexed per series.
+    `(*B, ...)` (a `StepNoise`'s resampling noise), indexed per series along its leading $B$.
     """
     if num_batch == 0:
         return function(*arrays) if key is None else function(key, *arrays)
@@ -172,7 +175,10 @@ def per_series(function, num_batch, *arrays, key=None, out_axes=0):
     in_axes = (1,) * len(flat)
     if key is not None:
         noise = jnp.issubdtype(jnp.asarray(key).dtype, jnp.floating)
-        keys = jnp.reshape(key, (size,)) if noise else jax.random.split(key, size)
+        if noise:
+            keys = jnp.reshape(key, (size, *jnp.shape(key)[num_batch:]))
+        else:
+            keys = jax.random.split(key, size)
         flat, in_axes = [keys, *flat], (0, *in_axes)
     results = jax.vmap(function, in_axes=in_axes, out_axes=out_axes)(*flat)
 

@@ -34,7 +34,11 @@ from numpyro_diffres._log_density import (
     weighted_moments,
 )
 from numpyro_diffres._typing import Array, PRNGKey
-from numpyro_diffres.filter_arguments import check_kernel, check_run_options
+from numpyro_diffres.filter_arguments import (
+    check_kernel,
+    check_resampler_input,
+    check_run_options,
+)
 from numpyro_diffres.filter_types import (
     FilterHistory,
     FilterInfo,
@@ -131,9 +135,9 @@ def step(
 
     All randomness of the step is derived here from `key`, or given as a `StepNoise` of
     standard normals (for pseudo-marginal samplers: the model then draws from its move noise,
-    and the resampler takes standard-normal noise in place of a key, as
-    `resampling.sorted_systematic` does). From a key: one key for the resampling (split
-    per series), one per particle for the move.
+    and the resampler takes standard-normal noise in place of a key, `takes_noise`, as
+    `resampling.sorted_systematic()` and `resampling.noise_driven(diffusion())` do). From a
+    key: one key for the resampling (split per series), one per particle for the move.
 
     Args:
         key: PRNG key of this step, or its `StepNoise`.
@@ -147,8 +151,13 @@ def step(
 
     Returns:
         `(state, info)` after observing $y_t$.
+
+    Raises:
+        TypeError: a resampler that takes noise given a key, or one that takes a key given
+            a `StepNoise`.
     """
     resampler = diffusion() if resampler is None else resampler
+    check_resampler_input(resampler, isinstance(key, StepNoise), ess_threshold)
     constrain = _identity if constrain is None else constrain
     particles, log_weights, alive = state
     if isinstance(key, StepNoise):

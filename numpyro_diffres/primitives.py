@@ -10,6 +10,23 @@ the model unchanged. Which noise the filter uses decides what inference targets:
   resampling that surface is smooth in $\\theta$, so NUTS can move; it approaches the exact
   posterior as $N$ grows. It is *not* pseudo-marginal MCMC: the noise is never refreshed, and
   with small $N$ the posterior is that of one particular likelihood estimate.
+* With `noise="sampled"` the noise $u$ is a latent site `{name}_noise` of standard normals
+  (sized by `noise.noise_shape`) that the sampler moves with $\\theta$: pseudo-marginal MCMC
+  on $p(\\theta)\\,N(u; 0, I)\\,\\hat p_N(y \\mid \\theta, u)$, the filter being
+  `noise.noise_filter` with the noise-driven form of the factor's resampler
+  (`resampling.noise_driven`). With `resampler=None` or `systematic()` that is sorted
+  systematic resampling, an unbiased estimate ($N \\cdot$ state size $\\cdot T + (T - 1)$
+  normals), which `infer.PMMH` / `infer.CorrelatedPMMH` sample exactly; None means this here,
+  not the diffusion default, because an unbiased estimate is what those kernels need (and
+  existing `noise="sampled"` models keep their meaning). That estimate is piecewise constant
+  in $(\\theta, u)$: not for NUTS.
+* With `noise="sampled"` and `resampler=diffusion(...)` the resampler's start (and SDE step
+  noises) come from $u$ too ($N \\cdot$ state size more normals per later step, times
+  $K + 1$ for the SDE), so the estimate is smooth in $(\\theta, u)$ and `MCMC(NUTS(model))`
+  samples both: pseudo-marginal HMC (Alenlöv, Doucet and Lindsten, JMLR 2021), with NUTS's
+  leapfrog in place of their split integrator (the target is the same). Diffusion resampling
+  is not unbiased, so the $\\theta$-marginal carries a bias that shrinks as $N$ grows
+  (`benchmarks/pm_hmc_bias.py` measures it), and the PMMH kernels refuse it.
 * Under `SVI` the seed handler hands a fresh key at each step: stochastic gradients of the
   particle ELBO surrogate.
 * Without a seed handler (e.g. `numpyro.infer.log_likelihood`, which `az.from_numpyro` calls)
@@ -36,7 +53,7 @@ from numpyro_diffres._validation import check_count, check_key, check_name
 from numpyro_diffres.filtering import FilterResult, particle_filter
 from numpyro_diffres.infer.sites import FILTER_INFO, NOISE_FLAG
 from numpyro_diffres.noise import noise_filter, noise_shape, unflatten_noise
-from numpyro_diffres.resampling import Resampler
+from numpyro_diffres.resampling import Resampler, noise_driven
 from numpyro_diffres.smoothing import forecast, particle_smoother
 from numpyro_diffres.ssm import StateSpaceModel, simulate
 
@@ -102,9 +119,9 @@ def particle_factor(
         checkpoint: recompute each step in the reverse pass; see `particle_filter`.
         noise: None (the filter draws its randomness from the key), or `"sampled"`: every
             random number of the filter becomes one latent site `{name}_noise` of standard
-            normals, a vector of $N \\cdot$ state size $\\cdot T + (T - 1)$ entries (times the
-            series), which `infer.PMMH` / `infer.CorrelatedPMMH` move with the statics; the
-            filter is then `noise.noise_filter` (`resampler` must be None or `systematic()`).
+            normals $u$ driving `noise.noise_filter` with the noise-driven `resampler` (None:
+            sorted systematic, unbiased, for `infer.PMMH`; `diffusion(...)`: smooth in $u$,
+            for NUTS on $(\\theta, u)$); see the module docstring.
 
     Returns:
         The `FilterResult`, for further use in the model (series-first inside a plate).
@@ -113,13 +130,13 @@ def particle_factor(
         TypeError: `name` is not a string, `key` is not a PRNG key, or `resampler` is not
             callable.
         ValueError: observations that do not fit the emission or the enclosing plates, a
-            subsampled plate, bad `num_particles`.
+            subsampled plate, bad `num_particles`, a resampler with no noise-driven form.
     """
     check_name(name)
     plates = _enclosing_plates()
     batch_shape = _plate_shape(name, plates, observations)
     if noise is not None:
-        result = _noise_driven_filter(
+        result, resampler = _noise_driven_filter(
             name, model, observations, num_particles, resampler, noise, batch_shape, plates
         )
     else:
@@ -136,17 +153,16 @@ def particle_factor(
             series_sharding=series_sharding,
             checkpoint=checkpoint,
         )
-    return _register(name, result, resampler, plates, record, noise_driven=noise is not None)
+    return _register(name, result, resampler, plates, record)
 
 
-def _register(name, result, resampler, plates, record, noise_driven=False) -> FilterResult:
+def _register(name, result, resampler, plates, record) -> FilterResult:
     """The factor site (and recorded summaries) of a filter's result."""
     # `numpyro.factor`'s site, plus what pseudo-marginal kernels must know of the estimate.
-    # Index resampling keeps the estimate unbiased; moving particles (diffusion, OT, Gumbel)
-    # or reweighting them (soft) does not.
-    unbiased = noise_driven or (
-        bool(getattr(resampler, "has_ancestors", False))
-        and not getattr(resampler, "reweights", False)
+    # Index resampling (sorted systematic on explicit noise too) keeps the estimate unbiased;
+    # moving particles (diffusion, OT, Gumbel) or reweighting them (soft) does not.
+    unbiased = bool(getattr(resampler, "has_ancestors", False)) and not getattr(
+        resampler, "reweights", False
     )
     info = {
         "unbiased": unbiased,
@@ -169,15 +185,10 @@ def _register(name, result, resampler, plates, record, noise_driven=False) -> Fi
 def _noise_driven_filter(
     name, model, observations, num_particles, resampler, noise, batch_shape, plates
 ) -> FilterResult:
-    """`noise.noise_filter` on a `{name}_noise` latent site of standard normals."""
+    """`noise.noise_filter` on a `{name}_noise` latent site; the result and its resampler."""
     if noise != "sampled":
         raise ValueError(f"noise must be None or 'sampled'; got {noise!r}.")
-    if resampler is not None and getattr(resampler, "scheme", None) != "systematic":
-        raise ValueError(
-            f"particle_factor({name!r}, noise='sampled') resamples by systematic resampling "
-            f"over sorted particles, driven by the noise; got resampler={resampler!r}. Pass "
-            "resampler=None or ndr.resampling.systematic()."
-        )
+    resampler = noise_driven(resampler)
     num_particles = check_count("num_particles", num_particles, minimum=2)
     observations = jnp.asarray(observations)
     num_batch = len(batch_shape)
@@ -187,14 +198,18 @@ def _noise_driven_filter(
             f"observations must have a time axis with T >= 1; got {observations.shape}."
         )
     info = model.check(observations.shape[num_batch + 1 :], batch_shape=batch_shape)
-    shapes = noise_shape(num_steps, num_particles, info.state_shape, batch_shape)
+    shapes = noise_shape(
+        num_steps, num_particles, info.state_shape, batch_shape, resampler=resampler
+    )
     size = sum(math.prod(shape) for shape in shapes)
     flat = numpyro.sample(
         f"{name}_noise",
         dist.Normal(jnp.zeros(size), 1.0).to_event(1),
         infer={NOISE_FLAG: True, "block_plates": [plate.name for plate in plates]},
     )
-    return noise_filter(unflatten_noise(flat, shapes), model, observations, batch_shape=batch_shape)
+    noise = unflatten_noise(flat, shapes)
+    result = noise_filter(noise, model, observations, resampler=resampler, batch_shape=batch_shape)
+    return result, resampler
 
 
 def _enclosing_plates() -> list[numpyro.plate]:

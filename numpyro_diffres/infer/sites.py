@@ -111,6 +111,8 @@ def _check_unbiased(name: str, site: dict) -> None:
         raise ValueError(
             f"particle_factor({name!r}) uses the resampler {info['resampler']}, whose "
             "likelihood estimate is not unbiased, so PMMH on it would not sample the exact "
-            "posterior. Pass resampler=ndr.resampling.systematic() (or stratified(), "
-            "multinomial()) to this particle_factor for PMMH, or noise='sampled'."
+            "posterior. For PMMH pass resampler=ndr.resampling.systematic() (or stratified(), "
+            "multinomial()) to this particle_factor, or noise='sampled' with resampler=None "
+            "or systematic(). (A noise='sampled' factor with diffusion resampling is meant "
+            "for NUTS on the parameters and the noise: pseudo-marginal HMC.)"
         )

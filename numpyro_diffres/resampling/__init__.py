@@ -7,7 +7,11 @@ Build resamplers with the lower-case factories. Every resampler says what it is 
 traits, which wrappers pass on from the resampler they wrap: `moves_particles` (its outputs are
 new points, as diffusion, optimal-transport and Gumbel-softmax resampling give) and
 `has_ancestors` (its outputs are input particles picked by index). Ask those rather than the
-class. The classes (`Diffusion`, `IndexResampler`, ...) are exported for their methods
+class. For the filter on explicit noise (pseudo-marginal samplers) a resampler may also take
+standard normals in place of a key (`takes_noise`); `noise_driven` gives that form of a
+resampler (sorted systematic for `systematic()`, the same map for `diffusion(...)`).
+
+The classes (`Diffusion`, `IndexResampler`, ...) are exported for their methods
 (`OptimalTransport.solve` returns its `TransportInfo`); their constructors take no checks: the
 factories are the public way to make one.
 """
@@ -15,9 +19,10 @@ factories are the public way to make one.
 from numpyro_diffres.resampling.adaptive import adaptive
 from numpyro_diffres.resampling.base import Resampler
 from numpyro_diffres.resampling.decay import GradientDecay, gradient_decay
-from numpyro_diffres.resampling.diffusion import Diffusion, diffusion
+from numpyro_diffres.resampling.diffusion import Diffusion, NoiseDrivenDiffusion, diffusion
 from numpyro_diffres.resampling.gumbel import GumbelSoftmax, gumbel_softmax
 from numpyro_diffres.resampling.index import IndexResampler, multinomial, stratified, systematic
+from numpyro_diffres.resampling.noise_driven import NoiseResampler, noise_driven
 from numpyro_diffres.resampling.optimal_transport import (
     OptimalTransport,
     TransportInfo,
@@ -33,6 +38,8 @@ __all__ = [
     "GradientDecay",
     "GumbelSoftmax",
     "IndexResampler",
+    "NoiseDrivenDiffusion",
+    "NoiseResampler",
     "OptimalTransport",
     "Resampler",
     "Soft",
@@ -43,6 +50,7 @@ __all__ = [
     "gradient_decay",
     "gumbel_softmax",
     "multinomial",
+    "noise_driven",
     "optimal_transport",
     "soft",
     "sorted_systematic",

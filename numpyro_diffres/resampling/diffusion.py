@@ -25,6 +25,7 @@ is an approximation of the weighted cloud, exact in its first two moments only i
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,7 @@ from numpyro_diffres.resampling.base import (
     whitening_scale,
 )
 
-__all__ = ["Diffusion", "diffusion"]
+__all__ = ["Diffusion", "NoiseDrivenDiffusion", "diffusion"]
 
 _INTEGRATORS = ("exponential", "euler")
 _COVARIANCES = ("auto", "diagonal", "full")
@@ -112,8 +113,67 @@ class Diffusion(MovesParticles):
 
     def __call__(self, key: PRNGKey, log_weights: Array, particles: Array) -> tuple[Array, Array]:
         """Resample; returns `(particles, log_weights)` with uniform log-weights."""
-        flat, normalized, event_shape = prepare(log_weights, particles)
-        n, d = flat.shape
+        prepared = prepare(log_weights, particles)
+        n, d = prepared.particles.shape
+        dtype = prepared.particles.dtype
+        init_key, noise_key = jax.random.split(key)
+        start = standard_draw(jax.random.normal, init_key, (n, d), dtype)
+        steps = (
+            None
+            if self.ode
+            else standard_draw(jax.random.normal, noise_key, (self.num_steps, n, d), dtype)
+        )
+        return self._transport(prepared, start, steps)
+
+    def noise_shape(self, num_particles: int, event_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of the standard normals `from_noise` takes for `num_particles` particles.
+
+        `(N, d)` for the ODE, the start $z$ of each output particle ($d$ the flattened event
+        size); `(K + 1, N, d)` for the SDE: the start, then the noise of each of the $K$ steps.
+        """
+        start = (int(num_particles), math.prod(event_shape))
+        return start if self.ode else (self.num_steps + 1, *start)
+
+    def from_noise(self, noise: Array, log_weights: Array, particles: Array) -> tuple[Array, Array]:
+        """Resample with the given standard normals in place of a key's draws.
+
+        The same map as calling with a key: a key draws exactly these normals (the start, and
+        for the SDE the step noises), so the output is a smooth function of `noise` as well as
+        of the particles and weights, which is what pseudo-marginal HMC needs.
+
+        Args:
+            noise: standard normals of shape `noise_shape(N, event_shape)`.
+            log_weights: `(N,)`, unnormalised.
+            particles: `(N, *event_shape)`.
+
+        Returns:
+            `(particles, log_weights)` with uniform log-weights.
+
+        Raises:
+            ValueError: `noise` of another shape.
+        """
+        prepared = prepare(log_weights, particles)
+        expected = self.noise_shape(prepared.particles.shape[0], prepared.event_shape)
+        noise = jnp.asarray(noise)
+        if noise.shape != expected:
+            kind = "(N, d)" if self.ode else "(num_steps + 1, N, d) for the SDE"
+            raise ValueError(
+                f"diffusion resampling of {prepared.particles.shape[0]} particles of shape "
+                f"{prepared.event_shape} takes standard normals of shape {kind} = {expected}; "
+                f"got {noise.shape}."
+            )
+        noise = noise.astype(prepared.particles.dtype)
+        start, steps = (noise, None) if self.ode else (noise[0], noise[1:])
+        return self._transport(prepared, start, steps)
+
+    def driven_by_noise(self) -> "NoiseDrivenDiffusion":
+        """This resampler taking standard normals in place of a key (`from_noise`)."""
+        return NoiseDrivenDiffusion(self)
+
+    def _transport(self, prepared, start: Array, steps: Array | None) -> tuple[Array, Array]:
+        """Integrate from the start `z` `(N, d)` (with SDE step noises `(K, N, d)`)."""
+        flat, normalized, event_shape = prepared
+        n = flat.shape[0]
         dtype = flat.dtype
         data, unwhiten = self._whiten(normalized, flat)
         half_squared_norms = 0.5 * jnp.sum(data**2, axis=1)
@@ -130,14 +190,6 @@ class Diffusion(MovesParticles):
         else:
             growth = 1.0 + self.rate * delta
             drift, noise_scale = self.rate * delta, math.sqrt(2.0 * self.rate * delta)
-
-        init_key, noise_key = jax.random.split(key)
-        z = standard_draw(jax.random.normal, init_key, (n, d), dtype)
-        noise = (
-            None
-            if self.ode
-            else standard_draw(jax.random.normal, noise_key, (self.num_steps, n, d), dtype)
-        )
 
         # The attention's own reverse pass recomputes each softmax (block by block over the
         # queries, memory O(B N)) instead of storing K N x N matrices: memory no longer grows
@@ -157,8 +209,32 @@ class Diffusion(MovesParticles):
                 z = z + noise_scale * step_noise
             return z, None
 
-        z, _ = jax.lax.scan(step, z, (jnp.asarray(coefficients, dtype), noise))
+        z, _ = jax.lax.scan(step, start, (jnp.asarray(coefficients, dtype), steps))
         return unwhiten(z).reshape(n, *event_shape), uniform_log_weights(n, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseDrivenDiffusion(MovesParticles):
+    """Diffusion resampling called with standard normals in place of a key.
+
+    What `Diffusion.driven_by_noise` returns, for the filter on explicit noise
+    (`noise.noise_filter`, `particle_factor(..., noise="sampled")`): called as
+    `(noise, log_weights, particles)` with `noise` of shape `noise_shape(N, event_shape)`.
+
+    Attributes:
+        diffusion: the key-driven resampler whose map it runs.
+    """
+
+    diffusion: Diffusion
+    takes_noise: ClassVar[bool] = True
+
+    def noise_shape(self, num_particles: int, event_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """See `Diffusion.noise_shape`."""
+        return self.diffusion.noise_shape(num_particles, event_shape)
+
+    def __call__(self, noise: Array, log_weights: Array, particles: Array) -> tuple[Array, Array]:
+        """Resample; see `Diffusion.from_noise`."""
+        return self.diffusion.from_noise(noise, log_weights, particles)
 
 
 def diffusion(

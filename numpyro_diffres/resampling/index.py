@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from numpyro_diffres._typing import Array, PRNGKey
 from numpyro_diffres.resampling.base import PicksAncestors, prepare, uniform_log_weights
+from numpyro_diffres.resampling.sorted import SortedSystematic, sorted_systematic
 
 __all__ = ["IndexResampler", "multinomial", "stratified", "systematic"]
 
@@ -95,6 +96,15 @@ class IndexResampler(PicksAncestors):
         ancestors = self.indices(key, normalized, n)
         particles = flat[ancestors].reshape(n, *event_shape)
         return particles, uniform_log_weights(n, normalized.dtype), ancestors
+
+    def driven_by_noise(self) -> SortedSystematic | None:
+        """The scheme taking standard normals in place of a key, or None.
+
+        Systematic resampling: `sorted_systematic()`, its uniform $\\Phi(u)$ of one standard
+        normal over the particles in a fixed (sorted) order, still unbiased. Multinomial and
+        stratified resampling have no noise-driven form here.
+        """
+        return sorted_systematic() if self.scheme == "systematic" else None
 
 
 def multinomial() -> IndexResampler:

@@ -52,6 +52,10 @@ class SortedSystematic(PicksAncestors):
 
     takes_noise: ClassVar[bool] = True
 
+    def noise_shape(self, num_particles: int, event_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """One standard normal per call, whatever the particles: `()`."""
+        return ()
+
     def resample_with_ancestors(
         self, noise: Array, log_weights: Array, particles: Array
     ) -> tuple[Array, Array, Array]:

@@ -83,3 +83,17 @@ def test_quick_scaling_benchmark_covers_every_section(quick_benchmark):
         if row["mode"] in ("float32, same noise", "mixed: float32 particles, float64 densities"):
             # Same noise: rounding error only (the bar is 1e-4 relative).
             assert row["max_same_key_relative_difference"] < 1e-4, row
+
+
+def test_quick_pm_hmc_bias_reports_every_row(quick_benchmark):
+    report, markdown = quick_benchmark("pm_hmc_bias")
+    assert markdown.startswith("# Pseudo-marginal HMC")
+    rows = report["rows"]
+    expected = [("kalman", None)] + [
+        (method, n) for n in report["config"]["num_particles"] for method in ("pm_hmc", "fixed_key")
+    ]
+    assert [(row["method"], row["N"]) for row in rows] == expected
+    for row in rows:
+        for field in ("mean", "sd", "bias_in_sd", "mcse_in_sd", "ess"):
+            assert math.isfinite(row[field]), (field, row)
+    assert 0.0 < report["exact"]["sd"] < 1.0

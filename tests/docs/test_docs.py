@@ -101,6 +101,8 @@ def test_api_reference_documents_the_public_api(site):
         "infer.pmmh.CorrelatedPMMH",
         "noise.noise_filter",
         "resampling.sorted.sorted_systematic",
+        "resampling.noise_driven.noise_driven",
+        "resampling.diffusion.Diffusion.from_noise",
     ):
         assert f'id="numpyro_diffres.{name}"' in html, name
 

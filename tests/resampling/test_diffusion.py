@@ -186,3 +186,28 @@ def test_full_covariance_beats_diagonal_on_correlated_target():
     )
     # Paired over the same clouds and keys; three standard errors of the mean difference.
     assert difference.mean() > 3.0 * standard_error
+
+
+@pytest.mark.parametrize("ode", [True, False])
+def test_from_noise_is_the_key_map_on_the_normals_the_key_draws(ode):
+    # The key only draws the start (and the SDE's step noises): the same normals give the same
+    # output, and the noise-driven form keeps the traits and says it takes noise.
+    resampler = resampling.diffusion(num_steps=3, ode=ode, covariance="full")
+    log_weights = jax.random.normal(jax.random.PRNGKey(0), (16,))
+    particles = jax.random.normal(jax.random.PRNGKey(1), (16, 2, 2))
+    key = jax.random.PRNGKey(2)
+    start_key, steps_key = jax.random.split(key)
+    noise = jax.random.normal(start_key, (16, 4))
+    if not ode:
+        steps = jax.random.normal(steps_key, (3, 16, 4))
+        noise = jnp.concatenate([noise[None], steps])
+    assert noise.shape == resampler.noise_shape(16, (2, 2))
+    driven = resampling.noise_driven(resampler)
+    assert driven.takes_noise and driven.moves_particles and not driven.has_ancestors
+    expected = resampler(key, log_weights, particles)
+    np.testing.assert_array_equal(driven(noise, log_weights, particles)[0], expected[0])
+    np.testing.assert_array_equal(
+        resampler.from_noise(noise, log_weights, particles)[1], expected[1]
+    )
+    with pytest.raises(ValueError, match="takes standard normals of shape"):
+        driven(noise[..., :3], log_weights, particles)
