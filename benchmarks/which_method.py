@@ -110,13 +110,14 @@ def hierarchy_latent_model(y):
         x0 = numpyro.sample("x0", dist.Normal(0.0, jnp.sqrt(5.0)))
         numpyro.sample("y0", dist.Normal(x0**2 / 20.0, 1.0), obs=y[:, 0])
 
-        def step(x, inputs):
-            t, y_t = inputs
+    def step(x, inputs):  # NumPyro's scan takes its plates inside the body
+        t, y_t = inputs
+        with numpyro.plate("series", HIERARCHY_SERIES):
             x = numpyro.sample("x", dist.Normal(growth_mean(x, t), sv))
             numpyro.sample("y", dist.Normal(x**2 / 20.0, 1.0), obs=y_t)
-            return x, None
+        return x, None
 
-        scan(step, x0, (jnp.arange(1, y.shape[1]), y[:, 1:].T))
+    scan(step, x0, (jnp.arange(1, y.shape[1]), y[:, 1:].T))
 
 
 def hierarchy_observations(num_steps=50, seed=0):

@@ -24,6 +24,8 @@ REPORTS = {
     "stress": "stress",
     "lgssm": "lgssm",
     "lgssm_100": "lgssm",
+    "pm_hmc_bias": "pm_hmc_bias",
+    "which_method": "which_method",
 }
 
 
