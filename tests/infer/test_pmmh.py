@@ -10,6 +10,7 @@ from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import initialize_model
 
 import numpyro_diffres as ndr
+from benchmarks import models
 from numpyro_diffres.infer.pmmh import PMMHState
 
 NUM_STEPS = 20
@@ -17,11 +18,7 @@ NUM_STEPS = 20
 
 def ar1(phi):
     """x_t = phi x_{t-1} + N(0, 0.5^2), y_t = x_t + N(0, 0.5^2), x_0 ~ N(0, 1)."""
-    return ndr.StateSpaceModel(
-        dist.Normal(0.0, 1.0),
-        lambda x, t: dist.Normal(phi * x, 0.5),
-        lambda x, t: dist.Normal(x, 0.5),
-    )
+    return models.ar1(phi, 0.5, 0.5, initial_scale=1.0)
 
 
 def observations():
