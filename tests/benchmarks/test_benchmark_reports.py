@@ -25,6 +25,7 @@ REPORTS = {
     "lgssm": "lgssm",
     "lgssm_100": "lgssm",
     "pm_hmc_bias": "pm_hmc_bias",
+    "pmmh_costs": "pmmh_costs",
     "which_method": "which_method",
 }
 

@@ -97,3 +97,12 @@ def test_quick_pm_hmc_bias_reports_every_row(quick_benchmark):
         for field in ("mean", "sd", "bias_in_sd", "mcse_in_sd", "ess"):
             assert math.isfinite(row[field]), (field, row)
     assert 0.0 < report["exact"]["sd"] < 1.0
+
+
+def test_quick_pmmh_costs_splits_fixed_and_per_iteration_seconds(quick_benchmark):
+    report, markdown = quick_benchmark("pmmh_costs")
+    assert markdown.startswith("# PMMH: fixed costs")
+    result = report["result"]
+    # Compiling a loop costs more than running one of its iterations.
+    assert 0.0 < result["per_iteration"] < result["sampling_compile"]
+    assert result["start_and_warmup_compile"] > result["per_iteration"]
