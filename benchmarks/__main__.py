@@ -20,7 +20,7 @@ def scripts() -> dict[str, str]:
     modules = [(path.stem, path) for path in HERE.glob("*.py")]
     packages = [(path.parent.name, path) for path in HERE.glob("*/__init__.py")]
     for name, path in sorted(modules + packages):
-        if name in NOT_SCRIPTS:
+        if name in NOT_SCRIPTS or name.startswith("_"):  # helpers, not scripts
             continue
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
         found[name] = doc.splitlines()[0] if doc else ""

@@ -10,6 +10,10 @@
   `sv_latent_model` and `sv_factor_model` share the priors `sv_priors`).
 - Nonlinear growth: x_0 ~ N(0, 5), x_t = x/2 + 25 x / (1 + x^2) + 8 cos(1.2 t) + N(0, sv^2),
   y_t = x_t^2 / 20 + N(0, 1), T = 50 (`growth`; `growth_latent_model`, `growth_factor_model`).
+- Hierarchical growth: 10 growth series, log sv_s = m + s z_s (`hierarchy_statics`,
+  `hierarchy_filter_model`, `hierarchy_latent_model`), with each series' likelihood tabulated
+  on a grid of log sv and the posterior by quadrature (`series_likelihood_table`,
+  `hierarchy_quadrature`), `which_method`'s reference.
 - Hierarchical: S AR(1)-plus-noise series with a common `phi` and emission scale `exp(log_r)`,
   series-level process-noise scales `q_s = exp(mu + tau z_s)` (non-centred partial pooling);
   `series_particle_model` puts one batched filter under `numpyro.plate`, `series_exact_model`
@@ -314,3 +318,126 @@ def series_exact_model(observations):
         z = numpyro.sample("z", dist.Normal())
         q = jnp.exp(mu + tau * z)
         numpyro.factor("y", series_exact_log_likelihood(phi, q, log_r, observations))
+
+
+# --- hierarchical growth: 10 series, a per-series sv, shared hyperparameters ---------------------
+
+HIERARCHY_SERIES = 10
+
+
+def hierarchy_statics():
+    """Log sv_s = m + s z_s (non-centred), m ~ N(log 3, 0.5^2), s ~ HalfNormal(0.5)."""
+    m = numpyro.sample("m", dist.Normal(math.log(3.0), 0.5))
+    s = numpyro.sample("s", dist.HalfNormal(0.5))
+    with numpyro.plate("series", HIERARCHY_SERIES):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    return jnp.exp(m + s * z)
+
+
+def hierarchy_filter_model(num_particles, **factor_options):
+    def model(y):
+        sv = hierarchy_statics()
+        with numpyro.plate("series", HIERARCHY_SERIES):
+            ndr.particle_factor("y", growth(sv), y, num_particles=num_particles, **factor_options)
+
+    return model
+
+
+def hierarchy_latent_model(y):
+    sv = hierarchy_statics()
+    with numpyro.plate("series", HIERARCHY_SERIES):
+        x0 = numpyro.sample("x0", dist.Normal(0.0, jnp.sqrt(5.0)))
+        numpyro.sample("y0", dist.Normal(x0**2 / 20.0, 1.0), obs=y[:, 0])
+
+    def step(x, inputs):  # NumPyro's scan takes its plates inside the body
+        t, y_t = inputs
+        with numpyro.plate("series", HIERARCHY_SERIES):
+            x = numpyro.sample("x", dist.Normal(growth_mean(x, t), sv))
+            numpyro.sample("y", dist.Normal(x**2 / 20.0, 1.0), obs=y_t)
+        return x, None
+
+    scan(step, x0, (jnp.arange(1, y.shape[1]), y[:, 1:].T))
+
+
+def hierarchy_observations(num_steps=50, seed=0):
+    svs = jnp.exp(math.log(3.0) + 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 100), (10,)))
+    keys = jax.random.split(jax.random.PRNGKey(seed), HIERARCHY_SERIES)
+    paths = [ndr.simulate(k, growth(sv), num_steps)[1] for k, sv in zip(keys, svs, strict=True)]
+    return jnp.stack(paths)
+
+
+def series_likelihood_table(y, log_sv_grid, num_particles=1024, num_keys=16, seed=3):
+    """Log-likelihood of each series on a grid of log sv: a log-mean over keys of estimates.
+
+    Each series' likelihood depends on its own sv only, so the hierarchical posterior is
+    exact up to this table (the mean of unbiased estimates, `num_keys * num_particles`
+    particles a point) and its interpolation.
+    """
+
+    def point(key, y_s, log_sv):
+        keys = jax.random.split(key, num_keys)
+        estimates = jax.vmap(
+            lambda k: (
+                ndr.particle_filter(
+                    k,
+                    growth(jnp.exp(log_sv)),
+                    y_s,
+                    num_particles=num_particles,
+                    resampler=ndr.resampling.systematic(),
+                    ess_threshold=0.5,
+                ).log_likelihood
+            )
+        )(keys)
+        return jax.scipy.special.logsumexp(estimates) - math.log(num_keys)
+
+    table = jax.jit(
+        jax.vmap(lambda key, y_s: jax.lax.map(lambda g: point(key, y_s, g), log_sv_grid))
+    )
+    keys = jax.random.split(jax.random.PRNGKey(seed), y.shape[0])
+    return table(keys, y)
+
+
+def hierarchy_quadrature(log_sv_grid, table, num_m=161, num_s=160, num_z=241):
+    """Posterior means and SDs of (m, s, z) by quadrature on the tabulated likelihoods.
+
+    Given (m, s) the series are independent and each z_s is one-dimensional, so
+    $p(m, s \\mid y) \\propto p(m)\\,p(s) \\prod_s \\int N(z; 0, 1)\\, L_s(e^{m + s z})\\,dz$
+    on a grid of (m, s) (prior +-4 SD), a grid of z in [-6, 6] inside, and the moments of
+    each z_s mixed over (m, s). `L_s` is interpolated linearly in log sv from `table`.
+    """
+    m_grid = jnp.linspace(math.log(3.0) - 2.0, math.log(3.0) + 2.0, num_m)
+    s_grid = jnp.linspace(1e-3, 2.0, num_s)
+    z = jnp.linspace(-6.0, 6.0, num_z)
+    log_normal_z = -0.5 * z**2
+
+    def at(m, s):
+        log_sv = jnp.clip(m + s * z, log_sv_grid[0], log_sv_grid[-1])
+        log_w = log_normal_z + jax.vmap(lambda t: jnp.interp(log_sv, log_sv_grid, t))(table)
+        log_integral = jax.scipy.special.logsumexp(log_w, axis=1)  # (S,)
+        w = jnp.exp(log_w - log_integral[:, None])
+        return jnp.sum(log_integral), w @ z, w @ z**2
+
+    grid = jax.jit(jax.vmap(jax.vmap(at, (None, 0)), (0, None)))
+    log_marginal, z_mean, z_square = grid(m_grid, s_grid)  # (M, S_grid), (M, S_grid, series)
+    log_prior = (
+        -0.5 * ((m_grid[:, None] - math.log(3.0)) / 0.5) ** 2 - 0.5 * (s_grid[None, :] / 0.5) ** 2
+    )
+    log_post = log_prior + log_marginal
+    weights = jnp.exp(log_post - jax.scipy.special.logsumexp(log_post))
+
+    def moments(values):
+        mean = jnp.sum(weights * values)
+        return float(mean), float(jnp.sqrt(jnp.sum(weights * values**2) - mean**2))
+
+    reference = {}
+    for name, values in (
+        ("m", m_grid[:, None] + 0 * s_grid),
+        ("s", s_grid[None, :] + 0 * m_grid[:, None]),
+    ):
+        mean, sd = moments(values)
+        reference[name] = {"mean": mean, "sd": sd}
+    for index in range(table.shape[0]):
+        mean = float(jnp.sum(weights * z_mean[..., index]))
+        second = float(jnp.sum(weights * z_square[..., index]))
+        reference[f"z[{index}]"] = {"mean": mean, "sd": math.sqrt(second - mean**2)}
+    return reference

@@ -38,9 +38,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
-from numpyro.contrib.control_flow import scan
 from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 from numpyro.infer import MCMC, NUTS
 
@@ -48,12 +45,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, t
 
 import numpyro_diffres as ndr  # noqa: E402
 from benchmarks._common import markdown_table, run_metadata, write_report  # noqa: E402
+from benchmarks._particles_library import run_particles  # noqa: E402
 from benchmarks.models import (  # noqa: E402
-    growth,
     growth_factor_model,
     growth_latent_model,
-    growth_mean,
     growth_observations,
+    hierarchy_filter_model,
+    hierarchy_latent_model,
+    hierarchy_observations,
+    hierarchy_quadrature,
+    series_likelihood_table,
     stochastic_volatility,
     sv_factor_model,
     sv_latent_model,
@@ -63,7 +64,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "which_method.json"
 TARGET_ESS = 400.0
 SV_TRUE = {"mu": -1.0, "phi": 0.9, "sigma": 0.4}
-HIERARCHY_SERIES = 10
 
 
 # --- the cases: data, statics, reference and the model of each method ---------------------
@@ -84,124 +84,6 @@ def growth_filter_model(num_particles, resampler=None, **factor_options):
     return lambda y: growth_factor_model(
         y, num_particles=num_particles, resampler=resampler, **factor_options
     )()
-
-
-def hierarchy_statics():
-    """Log sv_s = m + s z_s (non-centred), m ~ N(log 3, 0.5^2), s ~ HalfNormal(0.5)."""
-    m = numpyro.sample("m", dist.Normal(math.log(3.0), 0.5))
-    s = numpyro.sample("s", dist.HalfNormal(0.5))
-    with numpyro.plate("series", HIERARCHY_SERIES):
-        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
-    return jnp.exp(m + s * z)
-
-
-def hierarchy_filter_model(num_particles, **factor_options):
-    def model(y):
-        sv = hierarchy_statics()
-        with numpyro.plate("series", HIERARCHY_SERIES):
-            ndr.particle_factor("y", growth(sv), y, num_particles=num_particles, **factor_options)
-
-    return model
-
-
-def hierarchy_latent_model(y):
-    sv = hierarchy_statics()
-    with numpyro.plate("series", HIERARCHY_SERIES):
-        x0 = numpyro.sample("x0", dist.Normal(0.0, jnp.sqrt(5.0)))
-        numpyro.sample("y0", dist.Normal(x0**2 / 20.0, 1.0), obs=y[:, 0])
-
-    def step(x, inputs):  # NumPyro's scan takes its plates inside the body
-        t, y_t = inputs
-        with numpyro.plate("series", HIERARCHY_SERIES):
-            x = numpyro.sample("x", dist.Normal(growth_mean(x, t), sv))
-            numpyro.sample("y", dist.Normal(x**2 / 20.0, 1.0), obs=y_t)
-        return x, None
-
-    scan(step, x0, (jnp.arange(1, y.shape[1]), y[:, 1:].T))
-
-
-def hierarchy_observations(num_steps=50, seed=0):
-    svs = jnp.exp(math.log(3.0) + 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 100), (10,)))
-    keys = jax.random.split(jax.random.PRNGKey(seed), HIERARCHY_SERIES)
-    paths = [ndr.simulate(k, growth(sv), num_steps)[1] for k, sv in zip(keys, svs, strict=True)]
-    return jnp.stack(paths)
-
-
-def series_likelihood_table(y, log_sv_grid, num_particles=1024, num_keys=16, seed=3):
-    """Log-likelihood of each series on a grid of log sv: a log-mean over keys of estimates.
-
-    Each series' likelihood depends on its own sv only, so the hierarchical posterior is
-    exact up to this table (the mean of unbiased estimates, `num_keys * num_particles`
-    particles a point) and its interpolation.
-    """
-
-    def point(key, y_s, log_sv):
-        keys = jax.random.split(key, num_keys)
-        estimates = jax.vmap(
-            lambda k: (
-                ndr.particle_filter(
-                    k,
-                    growth(jnp.exp(log_sv)),
-                    y_s,
-                    num_particles=num_particles,
-                    resampler=ndr.resampling.systematic(),
-                    ess_threshold=0.5,
-                ).log_likelihood
-            )
-        )(keys)
-        return jax.scipy.special.logsumexp(estimates) - math.log(num_keys)
-
-    table = jax.jit(
-        jax.vmap(lambda key, y_s: jax.lax.map(lambda g: point(key, y_s, g), log_sv_grid))
-    )
-    keys = jax.random.split(jax.random.PRNGKey(seed), y.shape[0])
-    return table(keys, y)
-
-
-def hierarchy_quadrature(log_sv_grid, table, num_m=161, num_s=160, num_z=241):
-    """Posterior means and SDs of (m, s, z) by quadrature on the tabulated likelihoods.
-
-    Given (m, s) the series are independent and each z_s is one-dimensional, so
-    $p(m, s \\mid y) \\propto p(m)\\,p(s) \\prod_s \\int N(z; 0, 1)\\, L_s(e^{m + s z})\\,dz$
-    on a grid of (m, s) (prior +-4 SD), a grid of z in [-6, 6] inside, and the moments of
-    each z_s mixed over (m, s). `L_s` is interpolated linearly in log sv from `table`.
-    """
-    m_grid = jnp.linspace(math.log(3.0) - 2.0, math.log(3.0) + 2.0, num_m)
-    s_grid = jnp.linspace(1e-3, 2.0, num_s)
-    z = jnp.linspace(-6.0, 6.0, num_z)
-    log_normal_z = -0.5 * z**2
-
-    def at(m, s):
-        log_sv = jnp.clip(m + s * z, log_sv_grid[0], log_sv_grid[-1])
-        log_w = log_normal_z + jax.vmap(lambda t: jnp.interp(log_sv, log_sv_grid, t))(table)
-        log_integral = jax.scipy.special.logsumexp(log_w, axis=1)  # (S,)
-        w = jnp.exp(log_w - log_integral[:, None])
-        return jnp.sum(log_integral), w @ z, w @ z**2
-
-    grid = jax.jit(jax.vmap(jax.vmap(at, (None, 0)), (0, None)))
-    log_marginal, z_mean, z_square = grid(m_grid, s_grid)  # (M, S_grid), (M, S_grid, series)
-    log_prior = (
-        -0.5 * ((m_grid[:, None] - math.log(3.0)) / 0.5) ** 2 - 0.5 * (s_grid[None, :] / 0.5) ** 2
-    )
-    log_post = log_prior + log_marginal
-    weights = jnp.exp(log_post - jax.scipy.special.logsumexp(log_post))
-
-    def moments(values):
-        mean = jnp.sum(weights * values)
-        return float(mean), float(jnp.sqrt(jnp.sum(weights * values**2) - mean**2))
-
-    reference = {}
-    for name, values in (
-        ("m", m_grid[:, None] + 0 * s_grid),
-        ("s", s_grid[None, :] + 0 * m_grid[:, None]),
-    ):
-        mean, sd = moments(values)
-        reference[name] = {"mean": mean, "sd": sd}
-    for index in range(table.shape[0]):
-        mean = float(jnp.sum(weights * z_mean[..., index]))
-        second = float(jnp.sum(weights * z_square[..., index]))
-        reference[f"z[{index}]"] = {"mean": mean, "sd": math.sqrt(second - mean**2)}
-    return reference
 
 
 def case_settings(name, quick):
@@ -401,7 +283,8 @@ def run_method(method, case, reference, quick):
             chain_method="sequential",
         )
     elif method == "particles_pmmh":
-        out = run_particles(case, reference)
+        draws, seconds_warmup, seconds_sampling = run_particles(case)
+        out = summarize(draws, case["statics"], reference, seconds_warmup, seconds_sampling)
     else:
         raise ValueError(method)
     out["num_particles"] = {
@@ -413,73 +296,6 @@ def run_method(method, case, reference, quick):
         "pm_hmc": n.get("pm_hmc"),
     }.get(method)
     return out
-
-
-# --- the outside reference: `particles` (NumPy) ------------------------------------------------
-
-
-def run_particles(case, reference):
-    """PMMH of `particles` 0.4: one chain, its adaptive random walk, the same iterations."""
-    from particles import distributions as dists  # noqa: PLC0415
-    from particles import mcmc, state_space_models  # noqa: PLC0415
-
-    class Growth(state_space_models.StateSpaceModel):
-        default_params = {"sv": 3.0}
-
-        def PX0(self):  # noqa: N802 (particles' names)
-            return dists.Normal(loc=0.0, scale=math.sqrt(5.0))
-
-        def PX(self, t, xp):  # noqa: N802
-            mean = xp / 2.0 + 25.0 * xp / (1.0 + xp**2) + 8.0 * np.cos(1.2 * t)
-            return dists.Normal(loc=mean, scale=self.sv)
-
-        def PY(self, t, xp, x):  # noqa: N802
-            return dists.Normal(loc=x**2 / 20.0, scale=1.0)
-
-    class PMMH(mcmc.PMMH):
-        # numpy 2 refuses to store the prior's one-element log-density array into a scalar.
-        def compute_post(self):
-            self.prop.lpost[0] = np.squeeze(self.prior.logpdf(self.prop.theta))
-            if np.isfinite(self.prop.lpost[0]):
-                filter_ = self.alg_instance(
-                    {name: self.prop.theta[name][0] for name in self.prop.theta.dtype.names}
-                )
-                filter_.run()
-                self.prop.lpost[0] += filter_.logLt
-
-    if case["particles_model"] == "growth":
-        ssm = Growth
-        prior = dists.StructDist({"sv": dists.TruncNormal(mu=0.0, sigma=5.0, a=0.0, b=np.inf)})
-    else:
-        ssm = state_space_models.StochVol
-        prior = dists.StructDist(
-            {
-                "mu": dists.Normal(loc=0.0, scale=2.0),
-                "rho": dists.LinearD(dists.Beta(a=10.0, b=1.5), a=2.0, b=-1.0),
-                "sigma": dists.TruncNormal(mu=0.0, sigma=1.0, a=0.0, b=np.inf),
-            }
-        )
-    data = list(np.asarray(case["data"], np.float64))
-    iterations = case["warmup"] + case["samples"]
-    sampler = PMMH(
-        ssm_cls=ssm,
-        prior=prior,
-        data=data,
-        Nx=case["num_particles"]["particles"],
-        niter=iterations,
-        adaptive=True,
-    )
-    np.random.seed(0)
-    start = time.perf_counter()
-    sampler.run()
-    seconds = time.perf_counter() - start
-    names = {"rho": "phi"}
-    draws = {
-        names.get(k, k): np.asarray(sampler.chain.theta[k][case["warmup"] :])[None]
-        for k in sampler.chain.theta.dtype.names
-    }
-    share = case["warmup"] / iterations
-    return summarize(draws, case["statics"], reference, seconds * share, seconds * (1 - share))
 
 
 # --- references ---------------------------------------------------------------------------------
