@@ -7,7 +7,6 @@ refuses it, and the theta-marginal is near the exact posterior only for large N.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -36,13 +35,6 @@ def model(y, num_particles=8, resampler=None):
     ndr.particle_factor(
         "y", ar1(phi), y, num_particles=num_particles, resampler=resampler, noise="sampled"
     )
-
-
-def exact_model(y):
-    phi = numpyro.sample("phi", dist.Uniform(-1.0, 1.0))
-    eye = jnp.eye(1)
-    params = ndr.LinearGaussianParams(jnp.zeros(1), eye, phi * eye, 0.25 * eye, eye, 0.25 * eye)
-    numpyro.factor("y", ndr.kalman_log_likelihood(params, y[:, None]))
 
 
 def trace(resampler, y):
@@ -87,13 +79,6 @@ def test_nuts_moves_the_noise_with_the_parameter():
     assert np.all(np.abs(samples["phi"]) < 1.0) and np.std(samples["phi"]) > 0.0
     # Every noise coordinate is sampled: it changes across the draws.
     assert np.all(np.std(samples["y_noise"], axis=0) > 0.0)
-
-
-@pytest.fixture(scope="module")
-def exact_posterior():
-    mcmc = MCMC(NUTS(exact_model), num_warmup=500, num_samples=4000, progress_bar=False)
-    mcmc.run(jax.random.PRNGKey(2), observations())
-    return np.asarray(mcmc.get_samples()["phi"])
 
 
 @pytest.mark.slow

@@ -25,13 +25,6 @@ def observations():
     return ndr.simulate(jax.random.PRNGKey(0), ar1(0.7), NUM_STEPS)[1]
 
 
-def exact_model(y):
-    phi = numpyro.sample("phi", dist.Uniform(-1.0, 1.0))
-    eye = jnp.eye(1)
-    params = ndr.LinearGaussianParams(jnp.zeros(1), eye, phi * eye, 0.25 * eye, eye, 0.25 * eye)
-    numpyro.factor("y", ndr.kalman_log_likelihood(params, y[:, None]))
-
-
 def particle_model(y, num_particles=16, noise=None, resampler=None):
     phi = numpyro.sample("phi", dist.Uniform(-1.0, 1.0))
     ndr.particle_factor(
@@ -55,13 +48,6 @@ def run(kernel, *args, num_warmup=300, num_samples=1500, num_chains=4, seed=1, *
     )
     mcmc.run(jax.random.PRNGKey(seed), *args, extra_fields=("accept_prob",), **kwargs)
     return mcmc
-
-
-@pytest.fixture(scope="module")
-def exact_posterior():
-    mcmc = MCMC(NUTS(exact_model), num_warmup=500, num_samples=4000, progress_bar=False)
-    mcmc.run(jax.random.PRNGKey(2), observations())
-    return np.asarray(mcmc.get_samples()["phi"])
 
 
 @pytest.mark.slow
