@@ -25,25 +25,18 @@ from numpyro.infer import MCMC
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
 import numpyro_diffres as ndr  # noqa: E402
 from benchmarks._common import load_line, markdown_table, run_metadata, write_report  # noqa: E402
-from benchmarks.models import growth_factor_model, growth_observations  # noqa: E402
+from benchmarks.models import growth_observations  # noqa: E402
+from benchmarks.which_method import growth_filter_model  # noqa: E402  (its settings)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pmmh_costs.json"
 
 
-def _model(num_particles):
-    observations = growth_observations()
-    factor = growth_factor_model(
-        observations,
-        num_particles=num_particles,
-        resampler=ndr.resampling.systematic(),
-        ess_threshold=0.5,
-    )
-    return lambda y: factor(), observations
-
-
 def phases(num_particles, num_chains, num_samples):
     """Seconds of `warmup(1)`, then `run(1)`, and of `run(num_samples)` in a fresh MCMC."""
-    model, data = _model(num_particles)
+    model = growth_filter_model(
+        num_particles, resampler=ndr.resampling.systematic(), ess_threshold=0.5
+    )
+    data = growth_observations()
     seconds = {}
     for label, samples in (("one", 1), ("many", num_samples)):
         mcmc = MCMC(

@@ -224,20 +224,11 @@ def run_method(method, case, reference, quick):
     n = case["num_particles"]
     common = {"statics": case["statics"], "reference": reference}
     pm = {"warmup": case["warmup"], "samples": case["samples"], "chains": 4}
+    warmup, samples = case["nuts"]
+    nuts = {"warmup": warmup, "samples": samples, "chains": 4, "chain_method": "sequential"}
     if method == "nuts_latent":
-        warmup, samples = case["nuts"]
-        kernel = NUTS(case["latent"])
-        out = fit(
-            kernel,
-            case["data"],
-            **common,
-            warmup=warmup,
-            samples=samples,
-            chains=4,
-            chain_method="sequential",
-        )
+        out = fit(NUTS(case["latent"]), case["data"], **common, **nuts)
     elif method == "nuts_fixed_key":
-        warmup, samples = case["nuts"]
         resampler = ndr.resampling.diffusion(num_steps=4)
         model = case["filter"](n["nuts_fixed_key"], key=jax.random.PRNGKey(7), resampler=resampler)
         out = fit(
@@ -272,29 +263,15 @@ def run_method(method, case, reference, quick):
         # factor smooth in both (not unbiased: its bias against N is pm_hmc_bias.md).
         resampler = ndr.resampling.diffusion(num_steps=4)
         model = case["filter"](n["pm_hmc"], noise="sampled", resampler=resampler)
-        warmup, samples = case["nuts"]
-        out = fit(
-            NUTS(model),
-            case["data"],
-            **common,
-            warmup=warmup,
-            samples=samples,
-            chains=4,
-            chain_method="sequential",
-        )
+        out = fit(NUTS(model), case["data"], **common, **nuts)
     elif method == "particles_pmmh":
         draws, seconds_warmup, seconds_sampling = run_particles(case)
         out = summarize(draws, case["statics"], reference, seconds_warmup, seconds_sampling)
     else:
         raise ValueError(method)
-    out["num_particles"] = {
-        "nuts_fixed_key": n.get("nuts_fixed_key"),
-        "pmmh": n.get("pmmh"),
-        "pmmh_noise": n.get("pmmh"),
-        "cpmmh": n.get("cpmmh"),
-        "particles_pmmh": n.get("particles"),
-        "pm_hmc": n.get("pm_hmc"),
-    }.get(method)
+    # Methods named apart from their particle count: the noise PMMH shares plain PMMH's.
+    count = {"pmmh_noise": "pmmh", "particles_pmmh": "particles"}.get(method, method)
+    out["num_particles"] = n.get(count)
     return out
 
 

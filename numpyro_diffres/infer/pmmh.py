@@ -182,7 +182,7 @@ class PMMH(MCMCKernel):
         batched = not is_prng_key(rng_key)
         keys = rng_key if batched else rng_key[None]
         self._sites, self._prototype, transforms = self._inspect(keys[0], model_args, model_kwargs)
-        self._postprocess_fn = _postprocess(self._model, transforms, self._sites.noise)
+        self._postprocess_fn = _postprocess(self._model, transforms, self._sites)
         self._num_warmup = int(num_warmup)
         self._batched = batched
         if init_params is not None and not batched:
@@ -224,9 +224,10 @@ class PMMH(MCMCKernel):
             i, _, _, (energy, _) = carry
             return (i < 100) & ~jnp.isfinite(energy)
 
+        # The carry's first point only fixes the structure: the loop runs at least once.
         prototype = self._prototype if z is None else z
         inf = jnp.full((), jnp.inf, ravel_pytree(prototype)[0].dtype)
-        start = (0, search_key, self._sites.draw_noise(search_key, prototype), (inf, inf))
+        start = (0, search_key, prototype, (inf, inf))
         _, _, z, (energy, log_likelihood) = jax.lax.while_loop(not_found, search, start)
         flat, _ = ravel_pytree(self._sites.statics(z))
         scale = self._step_size * jnp.eye(flat.shape[0], dtype=flat.dtype)
@@ -377,7 +378,7 @@ class CorrelatedPMMH(PMMH):
         return state
 
 
-def _postprocess(model: Callable, transforms: dict | None, noise: tuple[str, ...]) -> Callable:
+def _postprocess(model: Callable, transforms: dict | None, sites: ModelSites) -> Callable:
     """NumPyro's `postprocess_fn(*args, **kwargs)`: unconstrained draws to the model's sites.
 
     The noise sites are left out of the draws: they are the filter's standard normals,
@@ -387,10 +388,7 @@ def _postprocess(model: Callable, transforms: dict | None, noise: tuple[str, ...
     sites and supports that depend on other sites come out right; otherwise each site is
     mapped by its transform, as NumPyro does, which never runs the filter.
     """
-
-    def statics(values: dict) -> dict:
-        return {name: value for name, value in values.items() if name not in noise}
-
+    statics = sites.statics
     if transforms is not None:
         kept = statics(transforms)
 
